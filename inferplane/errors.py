@@ -1,0 +1,71 @@
+"""Errors every layer raises; protocols map them to HTTP statuses and gRPC codes."""
+
+from __future__ import annotations
+
+
+class InferplaneError(Exception):
+    """Base class: carries the HTTP status the protocols answer with."""
+
+    status: int = 500
+    grpc_code: str = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(InferplaneError):
+    status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class NotFound(InferplaneError):
+    status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class PayloadTooLarge(InferplaneError):
+    status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
+class Unavailable(InferplaneError):
+    """Model loading, not ready, or the server is overloaded."""
+
+    status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class DeadlineExceeded(InferplaneError):
+    status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class InternalError(InferplaneError):
+    status = 500
+    grpc_code = "INTERNAL"
+
+
+class RepositoryError(InferplaneError):
+    """A repository or model.yaml problem (bad layout, missing file, checksum mismatch)."""
+
+    status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class IntegrityError(RepositoryError):
+    """An artifact's sha256 does not match what model.yaml recorded."""
+
+
+class MissingExtra(InferplaneError):
+    """An optional framework is not installed; the message names the extra to install."""
+
+    status = 501
+    grpc_code = "UNIMPLEMENTED"
+
+    def __init__(self, module: str, extra: str) -> None:
+        super().__init__(
+            f"the '{module}' package is not installed; install it with "
+            f"pip install 'inferplane[{extra}]'"
+        )
+        self.extra = extra

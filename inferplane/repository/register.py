@@ -1,0 +1,99 @@
+"""`inferplane models register`: copy an artifact into the repository as a new immutable version."""
+
+from __future__ import annotations
+
+import os
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+from inferplane.errors import RepositoryError
+from inferplane.repository.schema import Batching, ModelConfig, TensorDecl
+from inferplane.repository.store import Repository
+from inferplane.runtimes import get_runtime, guess_runtime
+from inferplane.tensors import TensorSpec
+
+_TENSOR_ARG = re.compile(r"^([^:]+):([A-Z0-9]+):(-?\d+(?:,-?\d+)*)?$")
+
+
+def parse_tensor_arg(text: str) -> TensorSpec:
+    """`name:DTYPE:d1,d2` (e.g. `input:FP32:-1,32`) -> TensorSpec."""
+    m = _TENSOR_ARG.match(text.strip())
+    if not m:
+        raise RepositoryError(
+            f"tensor '{text}': expected name:DATATYPE:shape, e.g. input:FP32:-1,32"
+        )
+    name, datatype, dims = m.groups()
+    decl = TensorDecl(name=name, datatype=datatype, shape=[int(d) for d in dims.split(",")] if dims else [])
+    return decl.spec()
+
+
+def _collect_files(artifact: str) -> tuple[str, dict[str, str]]:
+    """(artifact name inside the version folder, {relative name: source path})."""
+    artifact = os.path.abspath(artifact)
+    if not os.path.exists(artifact):
+        raise RepositoryError(f"artifact '{artifact}' does not exist")
+    if os.path.isfile(artifact):
+        name = os.path.basename(artifact)
+        return name, {name: artifact}
+    files: dict[str, str] = {}
+    for dirpath, dirnames, filenames in os.walk(artifact):
+        dirnames[:] = sorted(d for d in dirnames if d != "__pycache__")
+        for fn in sorted(filenames):
+            src = os.path.join(dirpath, fn)
+            files[os.path.relpath(src, os.path.dirname(artifact))] = src
+    if not files:
+        raise RepositoryError(f"artifact folder '{artifact}' is empty")
+    return os.path.basename(artifact), files
+
+
+def register(
+    repository: Repository,
+    name: str,
+    artifact: str,
+    *,
+    runtime: str | None = None,
+    inputs: list[TensorSpec] | None = None,
+    outputs: list[TensorSpec] | None = None,
+    batching: Batching | None = None,
+    instances: int = 1,
+    device: str = "cpu",
+    options: dict[str, Any] | None = None,
+    metadata: dict[str, Any] | None = None,
+    version: int | None = None,
+) -> ModelConfig:
+    """Add `artifact` (a file, or a folder for multi-file models) as the next version of `name`."""
+    art_name, files = _collect_files(artifact)
+    runtime = runtime or guess_runtime(os.path.abspath(artifact))
+    if runtime is None:
+        raise RepositoryError(
+            f"cannot tell the runtime of '{artifact}'; pass --runtime "
+            "(onnx, sklearn, xgboost, lightgbm, torch, python)"
+        )
+    runtime_cls = get_runtime(runtime)
+    if inputs is None or outputs is None:
+        found = runtime_cls.infer_signature(os.path.abspath(artifact))
+        inputs = inputs if inputs is not None else found.inputs
+        outputs = outputs if outputs is not None else found.outputs
+    missing = [what for what, v in (("--input", inputs), ("--output", outputs)) if not v]
+    if missing:
+        raise RepositoryError(
+            f"the {runtime} artifact does not describe its signature; pass "
+            f"{' and '.join(missing)} name:DATATYPE:shape (e.g. --input input:FP32:-1,32)"
+        )
+    existing = repository.list_versions(name)
+    new_version = version if version is not None else (existing[-1] + 1 if existing else 1)
+    config = ModelConfig(
+        name=name,
+        version=new_version,
+        runtime=runtime,  # type: ignore[arg-type]
+        artifact=art_name,
+        inputs=[TensorDecl(**t.as_dict()) for t in inputs or []],
+        outputs=[TensorDecl(**t.as_dict()) for t in outputs or []],
+        batching=batching,
+        instances=instances,
+        device=device,
+        options=options or {},
+        metadata={"created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), **(metadata or {})},
+    )
+    return repository.add_version(config, files)

@@ -1,0 +1,130 @@
+"""The `model.yaml` of one model version: what every other layer reads about a model."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from inferplane.errors import RepositoryError
+from inferplane.tensors import DATATYPE_TO_DTYPE, TensorSpec
+
+RUNTIMES = ("onnx", "sklearn", "xgboost", "lightgbm", "torch", "python")
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+ALIAS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+MODEL_YAML = "model.yaml"
+
+
+class TensorDecl(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    datatype: str
+    shape: list[int]
+
+    @field_validator("datatype")
+    @classmethod
+    def _known_datatype(cls, v: str) -> str:
+        if v not in DATATYPE_TO_DTYPE:
+            raise ValueError(f"unknown datatype '{v}'; expected one of {', '.join(DATATYPE_TO_DTYPE)}")
+        return v
+
+    @field_validator("shape")
+    @classmethod
+    def _dims(cls, v: list[int]) -> list[int]:
+        if any(d < -1 or d == 0 for d in v):
+            raise ValueError("dimensions are positive integers or -1 (variable)")
+        return v
+
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.datatype, list(self.shape))
+
+
+class Batching(BaseModel):
+    """Dynamic batching settings (the batcher itself arrives with the engine's next stage)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = True
+    max_batch_size: int = Field(default=32, ge=1)
+    max_queue_delay_us: int = Field(default=1000, ge=0)
+    preferred_batch_sizes: list[int] = Field(default_factory=list)
+
+
+class ModelConfig(BaseModel):
+    """One immutable model version."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    version: int = Field(ge=1)
+    runtime: Literal["onnx", "sklearn", "xgboost", "lightgbm", "torch", "python"]
+    artifact: str
+    sha256: dict[str, str] = Field(default_factory=dict)
+    inputs: list[TensorDecl]
+    outputs: list[TensorDecl]
+    batching: Batching | None = None
+    instances: int = Field(default=1, ge=1)
+    device: str = "cpu"
+    options: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not MODEL_NAME.match(v):
+            raise ValueError("model names use letters, digits, '_', '.', '-' (max 128)")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.match(r"^(cpu|cuda(:\d+)?)$", v):
+            raise ValueError("device is cpu, cuda or cuda:N")
+        return v
+
+    @field_validator("inputs", "outputs")
+    @classmethod
+    def _unique(cls, v: list[TensorDecl]) -> list[TensorDecl]:
+        names = [t.name for t in v]
+        if len(set(names)) != len(names):
+            raise ValueError("tensor names must be unique")
+        if not v:
+            raise ValueError("at least one tensor is required")
+        return v
+
+    @property
+    def max_batch_size(self) -> int:
+        """Triton's meaning: 0 = no batch dimension, else the largest batch one execution takes."""
+        if self.batching is not None and self.batching.enabled:
+            return self.batching.max_batch_size
+        return 0
+
+    def input_specs(self) -> list[TensorSpec]:
+        return [t.spec() for t in self.inputs]
+
+    def output_specs(self) -> list[TensorSpec]:
+        return [t.spec() for t in self.outputs]
+
+    def to_yaml(self) -> str:
+        data = self.model_dump(mode="json", exclude_none=True)
+        return yaml.safe_dump(data, sort_keys=False, default_flow_style=None)
+
+    @classmethod
+    def from_yaml(cls, text: str, where: str) -> ModelConfig:
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise RepositoryError(f"{where}: not valid YAML: {exc}") from None
+        if not isinstance(data, dict):
+            raise RepositoryError(f"{where}: expected a mapping at the top level")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise RepositoryError(f"{where}: {problems}") from None

@@ -1,0 +1,88 @@
+"""The one interface every framework runtime implements, and what the engine may ask of it."""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import numpy as np
+
+from inferplane.repository.schema import ModelConfig
+from inferplane.tensors import TensorSpec
+
+
+@dataclass(slots=True)
+class Signature:
+    """What registration could learn from an artifact; None entries must come from the user."""
+
+    inputs: list[TensorSpec] | None
+    outputs: list[TensorSpec] | None
+
+
+class Runtime(ABC):
+    """Loads one model version and runs it on a dict of numpy arrays.
+
+    `predict` is called from a worker thread, never from the event loop, with inputs already
+    validated against the signature. It returns every output it can, or those in `outputs`.
+    """
+
+    name: ClassVar[str]
+    platform: ClassVar[str]  # the V2 `platform` string, e.g. onnx_onnxv1
+    releases_gil: ClassVar[bool] = True  # may the engine run several instances in threads?
+    artifact_suffixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: ModelConfig, local_dir: str) -> None:
+        self.config = config
+        self.local_dir = local_dir
+        self.artifact_path = os.path.join(local_dir, config.artifact)
+
+    @abstractmethod
+    def load(self) -> None: ...
+
+    @abstractmethod
+    def predict(
+        self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
+    ) -> dict[str, np.ndarray]: ...
+
+    def unload(self) -> None:
+        """Drop references so that memory can be returned; subclasses free native handles."""
+
+    def memory_bytes(self) -> int:
+        """Estimated resident size once loaded; the artifact's size unless a runtime knows better."""
+        total = 0
+        for rel in self.config.sha256:
+            try:
+                total += os.path.getsize(os.path.join(self.local_dir, rel))
+            except OSError:
+                pass
+        return total
+
+    @classmethod
+    def infer_signature(cls, artifact_path: str) -> Signature:
+        """Read the signature from the artifact where the format allows; default: nothing known."""
+        return Signature(None, None)
+
+    @classmethod
+    def sniff(cls, artifact_path: str) -> bool:
+        """Does this file look like one of ours? Used to pick a runtime at registration."""
+        return artifact_path.endswith(cls.artifact_suffixes) if cls.artifact_suffixes else False
+
+    @staticmethod
+    def option(config: ModelConfig, key: str, default: Any) -> Any:
+        return config.options.get(key, default)
+
+
+def select(outputs: dict[str, np.ndarray], wanted: Sequence[str] | None) -> dict[str, np.ndarray]:
+    return outputs if not wanted else {k: outputs[k] for k in wanted}
+
+
+def threads_per_instance(config: ModelConfig) -> int:
+    """Intra-op threads for one instance so that all instances together fit the cores."""
+    explicit = config.options.get("intra_op_threads")
+    if explicit:
+        return int(explicit)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, cores // config.instances)
