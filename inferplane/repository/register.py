@@ -24,7 +24,9 @@ def parse_tensor_arg(text: str) -> TensorSpec:
             f"tensor '{text}': expected name:DATATYPE:shape, e.g. input:FP32:-1,32"
         )
     name, datatype, dims = m.groups()
-    decl = TensorDecl(name=name, datatype=datatype, shape=[int(d) for d in dims.split(",")] if dims else [])
+    decl = TensorDecl(
+        name=name, datatype=datatype, shape=[int(d) for d in dims.split(",")] if dims else []
+    )
     return decl.spec()
 
 
@@ -94,6 +96,9 @@ def register(
         instances=instances,
         device=device,
         options=options or {},
-        metadata={"created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"), **(metadata or {})},
+        metadata={
+            "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            **(metadata or {}),
+        },
     )
     return repository.add_version(config, files)

@@ -28,7 +28,9 @@ class TensorDecl(BaseModel):
     @classmethod
     def _known_datatype(cls, v: str) -> str:
         if v not in DATATYPE_TO_DTYPE:
-            raise ValueError(f"unknown datatype '{v}'; expected one of {', '.join(DATATYPE_TO_DTYPE)}")
+            raise ValueError(
+                f"unknown datatype '{v}'; expected one of {', '.join(DATATYPE_TO_DTYPE)}"
+            )
         return v
 
     @field_validator("shape")
@@ -97,10 +99,12 @@ class ModelConfig(BaseModel):
 
     @property
     def max_batch_size(self) -> int:
-        """Triton's meaning: 0 = no batch dimension, else the largest batch one execution takes."""
-        if self.batching is not None and self.batching.enabled:
-            return self.batching.max_batch_size
-        return 0
+        """Triton's meaning: 0 = no batch dimension, else the largest batch one execution takes.
+
+        Declaring `batching` says the first dimension is the batch; `enabled: false` keeps that
+        meaning and only switches the dynamic batcher off.
+        """
+        return self.batching.max_batch_size if self.batching is not None else 0
 
     def input_specs(self) -> list[TensorSpec]:
         return [t.spec() for t in self.inputs]

@@ -215,7 +215,9 @@ class Repository:
 def verify(config: ModelConfig, local_dir: str) -> None:
     """Raise IntegrityError unless every recorded artifact file in `local_dir` matches its sha256."""
     artifact = config.artifact.rstrip("/")
-    if artifact not in config.sha256 and not any(k.startswith(artifact + "/") for k in config.sha256):
+    if artifact not in config.sha256 and not any(
+        k.startswith(artifact + "/") for k in config.sha256
+    ):
         raise IntegrityError(
             f"{config.name} v{config.version}: model.yaml records no sha256 for artifact "
             f"'{config.artifact}'"
@@ -224,7 +226,9 @@ def verify(config: ModelConfig, local_dir: str) -> None:
     for rel, expected in config.sha256.items():
         path = os.path.join(local_dir, rel)
         if not os.path.exists(path):
-            raise IntegrityError(f"{config.name} v{config.version}: artifact file '{rel}' is missing")
+            raise IntegrityError(
+                f"{config.name} v{config.version}: artifact file '{rel}' is missing"
+            )
         actual = sha256_file(local, path)
         if actual != expected:
             raise IntegrityError(

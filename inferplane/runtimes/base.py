@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -47,17 +48,15 @@ class Runtime(ABC):
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]: ...
 
-    def unload(self) -> None:
+    def unload(self) -> None:  # noqa: B027 - optional hook, most runtimes need nothing
         """Drop references so that memory can be returned; subclasses free native handles."""
 
     def memory_bytes(self) -> int:
         """Estimated resident size once loaded; the artifact's size unless a runtime knows better."""
         total = 0
         for rel in self.config.sha256:
-            try:
+            with contextlib.suppress(OSError):
                 total += os.path.getsize(os.path.join(self.local_dir, rel))
-            except OSError:
-                pass
         return total
 
     @classmethod
@@ -84,5 +83,7 @@ def threads_per_instance(config: ModelConfig) -> int:
     explicit = config.options.get("intra_op_threads")
     if explicit:
         return int(explicit)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = (
+        len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    )
     return max(1, cores // config.instances)

@@ -86,7 +86,7 @@ class OnnxRuntime(Runtime):
         return dict(zip(names, results, strict=True))
 
     def unload(self) -> None:
-        self.session = None  # type: ignore[assignment]
+        del self.session
 
     @classmethod
     def infer_signature(cls, artifact_path: str) -> Signature:

@@ -1,0 +1,3 @@
+from inferplane.cli import main
+
+main()

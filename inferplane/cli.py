@@ -1,0 +1,269 @@
+"""The `inferplane` command line: serve models and manage the model repository."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from inferplane import __version__
+from inferplane.errors import InferplaneError
+
+app = typer.Typer(
+    help="inferplane: serve ML models online (V2 REST/gRPC), on streams and in batch.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+models_app = typer.Typer(help="Manage the versioned model repository.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+console = Console()
+err_console = Console(stderr=True)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+RepositoryOpt = Annotated[
+    str,
+    typer.Option(
+        "--repository",
+        "-r",
+        envvar="INFERPLANE_REPOSITORY",
+        help="Model repository: a folder or any fsspec URL (s3://bucket/models).",
+    ),
+]
+
+
+def one_line_errors(fn: F) -> F:
+    """Our errors become `error: <message>` on stderr and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except InferplaneError as exc:
+            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            raise typer.Exit(2) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _repo(url: str) -> Any:
+    from inferplane.repository.store import Repository
+
+    return Repository(url)
+
+
+@app.command()
+@one_line_errors
+def serve(
+    repository: RepositoryOpt = "./models",
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    http_port: Annotated[int, typer.Option(help="V2/V1 REST and /metrics port.")] = 8080,
+    grpc_port: Annotated[int, typer.Option(help="V2 gRPC port; 0 turns gRPC off.")] = 8081,
+    model: Annotated[
+        list[str] | None,
+        typer.Option("--model", "-m", help="Load only this model (repeatable); default: all."),
+    ] = None,
+    max_payload_mb: Annotated[
+        float, typer.Option(help="Largest request body accepted (413 beyond).")
+    ] = 64.0,
+    log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+) -> None:
+    """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
+    from inferplane.server import ServerSettings, run
+
+    repo = _repo(repository)
+    if not repo.exists():
+        raise typer.BadParameter(
+            f"repository '{repository}' does not exist", param_hint="--repository"
+        )
+    run(
+        ServerSettings(
+            repository=repository,
+            host=host,
+            http_port=http_port,
+            grpc_port=grpc_port or None,
+            models=list(model or []),
+            max_payload_bytes=int(max_payload_mb * 1024 * 1024),
+            log_level=log_level.lower(),
+        )
+    )
+
+
+def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"'{item}': expected key=value", param_hint=what)
+        try:
+            out[key] = json.loads(value)  # numbers and booleans keep their type
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@models_app.command("register")
+@one_line_errors
+def register_cmd(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    artifact: Annotated[str, typer.Argument(help="Model file, or folder for python models.")],
+    repository: RepositoryOpt = "./models",
+    runtime: Annotated[
+        str | None,
+        typer.Option(help="onnx, sklearn, xgboost, lightgbm, torch or python; default: guessed."),
+    ] = None,
+    input: Annotated[
+        list[str] | None,
+        typer.Option("--input", help="name:DATATYPE:shape, e.g. input:FP32:-1,32 (repeatable)."),
+    ] = None,
+    output: Annotated[
+        list[str] | None, typer.Option("--output", help="name:DATATYPE:shape (repeatable).")
+    ] = None,
+    max_batch_size: Annotated[
+        int | None, typer.Option(help="Dynamic batching: largest batch per execution.")
+    ] = None,
+    max_queue_delay_us: Annotated[
+        int, typer.Option(help="Dynamic batching: longest wait for a batch to fill (µs).")
+    ] = 1000,
+    instances: Annotated[int, typer.Option(help="Concurrent executions of this version.")] = 1,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
+    option: Annotated[
+        list[str] | None,
+        typer.Option("--option", help="Runtime option key=value, e.g. intra_op_threads=2."),
+    ] = None,
+    metadata: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--metadata", help="Lineage key=value, e.g. training_data=s3://...; auc=0.91."
+        ),
+    ] = None,
+    alias: Annotated[
+        list[str] | None, typer.Option("--alias", help="Point this alias at the new version.")
+    ] = None,
+) -> None:
+    """Copy ARTIFACT into the repository as the next version of NAME."""
+    from inferplane.repository.register import parse_tensor_arg, register
+    from inferplane.repository.schema import Batching
+
+    repo = _repo(repository)
+    config = register(
+        repo,
+        name,
+        artifact,
+        runtime=runtime,
+        inputs=[parse_tensor_arg(t) for t in input] if input else None,
+        outputs=[parse_tensor_arg(t) for t in output] if output else None,
+        batching=(
+            Batching(max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us)
+            if max_batch_size
+            else None
+        ),
+        instances=instances,
+        device=device,
+        options=_parse_kv(option, "--option"),
+        metadata=_parse_kv(metadata, "--metadata"),
+    )
+    for a in alias or []:
+        repo.set_alias(name, a, config.version)
+    console.print(
+        f"registered [bold]{config.name}[/bold] version [bold]{config.version}[/bold] "
+        f"({config.runtime}) in {repository}",
+        highlight=False,
+    )
+
+
+@models_app.command("list")
+@one_line_errors
+def list_cmd(repository: RepositoryOpt = "./models") -> None:
+    """A table of models, their versions and aliases."""
+    repo = _repo(repository)
+    table = Table(title=f"models in {repository}")
+    for col in ("model", "versions", "latest", "runtime", "aliases"):
+        table.add_column(col)
+    for name in repo.list_models():
+        versions = repo.list_versions(name)
+        latest = repo.read_config(name, versions[-1])
+        aliases = ", ".join(f"{a}→{v}" for a, v in repo.aliases(name).items())
+        table.add_row(
+            name, ", ".join(map(str, versions)), str(versions[-1]), latest.runtime, aliases
+        )
+    console.print(table)
+
+
+@models_app.command("show")
+@one_line_errors
+def show_cmd(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    version: Annotated[
+        str | None, typer.Option(help="Version number or alias; default: production/latest.")
+    ] = None,
+    repository: RepositoryOpt = "./models",
+) -> None:
+    """One version's signature, settings, checksums and metadata."""
+    repo = _repo(repository)
+    config = repo.read_config(name, repo.resolve_version(name, version))
+    aliases = [a for a, v in repo.aliases(name).items() if v == config.version]
+    table = Table(title=f"{name} version {config.version}", show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("runtime", config.runtime)
+    table.add_row("artifact", config.artifact)
+    table.add_row("aliases", ", ".join(aliases) or "-")
+    for kind, tensors in (("input", config.inputs), ("output", config.outputs)):
+        for t in tensors:
+            table.add_row(kind, f"{t.name}  {t.datatype}  {t.shape}")
+    batching = config.batching
+    table.add_row(
+        "batching",
+        "off"
+        if batching is None
+        else f"max_batch_size={batching.max_batch_size} "
+        f"max_queue_delay_us={batching.max_queue_delay_us} enabled={batching.enabled}",
+    )
+    table.add_row("instances / device", f"{config.instances} / {config.device}")
+    for file, digest in config.sha256.items():
+        table.add_row("sha256", f"{file}  {digest}")
+    for key, value in config.metadata.items():
+        table.add_row(f"metadata.{key}", str(value))
+    console.print(table)
+
+
+@models_app.command("alias")
+@one_line_errors
+def alias_cmd(
+    name: Annotated[str, typer.Argument(help="Model name.")],
+    alias: Annotated[str, typer.Argument(help="Alias, e.g. production or staging.")],
+    version: Annotated[int | None, typer.Argument(help="Version the alias points to.")] = None,
+    remove: Annotated[bool, typer.Option("--remove", help="Delete the alias.")] = False,
+    repository: RepositoryOpt = "./models",
+) -> None:
+    """Point ALIAS of model NAME at VERSION (or --remove it)."""
+    repo = _repo(repository)
+    if remove:
+        repo.remove_alias(name, alias)
+        console.print(f"removed alias {alias} of {name}", highlight=False)
+        return
+    if version is None:
+        raise typer.BadParameter("give the VERSION the alias points to, or --remove")
+    repo.set_alias(name, alias, version)
+    console.print(f"{name}: {alias} → version {version}", highlight=False)
+
+
+@app.command()
+def version() -> None:
+    """Print the inferplane version."""
+    console.print(f"inferplane {__version__}", highlight=False)
+
+
+def main() -> None:
+    app(prog_name="inferplane")
+
+
+if __name__ == "__main__":
+    main()

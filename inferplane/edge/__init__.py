@@ -1,0 +1,1 @@
+"""Edge: what is checked before a request reaches routing and the engine (limits, validation)."""

@@ -1,0 +1,249 @@
+"""The model manager: which versions are loaded, their state, and running them off the event loop.
+
+Loading a version = fetch artifact -> verify sha256 -> runtime.load -> warm-up -> READY. A version
+that fails any step is UNAVAILABLE with the reason, and every other model keeps serving. Model code
+runs in a thread pool per version sized to its instance count, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+import numpy as np
+
+from inferplane.engine.stats import VersionStats
+from inferplane.engine.warmup import warmup_inputs
+from inferplane.errors import InferplaneError, InternalError, NotFound, Unavailable
+from inferplane.observability.metrics import Metrics
+from inferplane.repository.schema import ModelConfig
+from inferplane.repository.store import Repository, verify
+from inferplane.runtimes import Runtime, get_runtime
+
+log = logging.getLogger("inferplane.engine")
+
+
+class State(StrEnum):
+    LOADING = "LOADING"
+    READY = "READY"
+    UNAVAILABLE = "UNAVAILABLE"  # failed to load; `reason` says why
+    UNLOADED = "UNLOADED"
+
+
+@dataclass(eq=False)
+class LoadedVersion:
+    config: ModelConfig
+    state: State = State.LOADING
+    reason: str = ""
+    runtime: Runtime | None = None
+    executor: ThreadPoolExecutor | None = None
+    stats: VersionStats = field(default_factory=VersionStats)
+    platform: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def version(self) -> str:
+        return str(self.config.version)
+
+
+@dataclass
+class ModelEntry:
+    """All versions of one model name, plus its aliases as of the last (re)load."""
+
+    name: str
+    versions: dict[int, LoadedVersion] = field(default_factory=dict)
+    aliases: dict[str, int] = field(default_factory=dict)
+    unloaded: bool = False
+    reason: str = ""
+
+
+class ModelManager:
+    def __init__(
+        self, repository: Repository, metrics: Metrics, models: Sequence[str] | None = None
+    ) -> None:
+        self.repository = repository
+        self.metrics = metrics
+        self.selected = list(models) if models else None
+        self.models: dict[str, ModelEntry] = {}
+        self.started = False  # the initial load has finished (successfully or not)
+        self._lock = asyncio.Lock()
+        self._repo_lock = threading.Lock()  # fsspec filesystems are not all thread-safe
+
+    # loading -----------------------------------------------------------------------------
+    async def load_initial(self) -> None:
+        """Load every selected model; one failing model never stops the others."""
+        names: list[str] = []
+        try:
+            names = self.selected if self.selected else await asyncio.to_thread(self._list_models)
+        except InferplaneError as exc:
+            log.error("cannot list the repository: %s", exc.message)
+        for name in names:
+            try:
+                await self.load_model(name)
+            except InferplaneError as exc:
+                log.error("model %s: %s", name, exc.message)
+        self.started = True
+
+    def _list_models(self) -> list[str]:
+        with self._repo_lock:
+            return self.repository.list_models()
+
+    async def load_model(self, name: str) -> ModelEntry:
+        """(Re)load all versions of `name`; old versions keep serving until the new ones are ready."""
+        async with self._lock:
+            configs, aliases = await asyncio.to_thread(self._read_model, name)
+            entry = self.models.get(name)
+            new_entry = ModelEntry(name=name, aliases=aliases)
+            for config in configs:
+                lv = LoadedVersion(config=config)
+                new_entry.versions[config.version] = lv
+            if entry is None or entry.unloaded:
+                self.models[name] = new_entry  # visible as LOADING while it loads
+            for lv in new_entry.versions.values():
+                await self._load_version(lv)
+            self.models[name] = new_entry
+            if entry is not None:
+                for old in entry.versions.values():
+                    if old not in new_entry.versions.values():
+                        self._retire(old)
+            return new_entry
+
+    def _read_model(self, name: str) -> tuple[list[ModelConfig], dict[str, int]]:
+        with self._repo_lock:
+            versions = self.repository.list_versions(name)
+            if not versions:
+                raise NotFound(f"unknown model '{name}' in repository {self.repository.url}")
+            configs = []
+            for v in versions:
+                try:
+                    configs.append(self.repository.read_config(name, v))
+                except InferplaneError as exc:
+                    # A broken model.yaml takes out its version only.
+                    log.error("model %s version %s: %s", name, v, exc.message)
+            return configs, self.repository.aliases(name)
+
+    async def _load_version(self, lv: LoadedVersion) -> None:
+        started = time.perf_counter()
+        labels = (lv.name, lv.version)
+        try:
+            runtime = await asyncio.to_thread(self._load_runtime, lv.config)
+        except InferplaneError as exc:
+            lv.state, lv.reason = State.UNAVAILABLE, exc.message
+        except Exception as exc:  # a framework's own error while loading a bad artifact
+            lv.state, lv.reason = State.UNAVAILABLE, f"load failed: {type(exc).__name__}: {exc}"
+        else:
+            lv.runtime, lv.platform = runtime, runtime.platform
+            lv.executor = ThreadPoolExecutor(
+                max_workers=lv.config.instances, thread_name_prefix=f"{lv.name}-{lv.version}"
+            )
+            lv.state = State.READY
+        if lv.state is State.READY:
+            log.info("model %s version %s ready in %.2fs", *labels, time.perf_counter() - started)
+        else:
+            log.error("model %s version %s unavailable: %s", *labels, lv.reason)
+        self.metrics.model_ready.labels(*labels).set(1 if lv.state is State.READY else 0)
+        self.metrics.model_load_seconds.labels(*labels).set(time.perf_counter() - started)
+
+    def _load_runtime(self, config: ModelConfig) -> Runtime:
+        with self._repo_lock:
+            local_dir = self.repository.fetch(config)
+        verify(config, local_dir)
+        runtime = get_runtime(config.runtime)(config, local_dir)
+        runtime.load()
+        try:
+            runtime.predict(warmup_inputs(config))
+        except Exception as exc:
+            runtime.unload()
+            raise InternalError(f"warm-up failed: {type(exc).__name__}: {exc}") from exc
+        return runtime
+
+    async def unload_model(self, name: str) -> None:
+        async with self._lock:
+            entry = self.models.get(name)
+            if entry is None or entry.unloaded:
+                raise NotFound(f"model '{name}' is not loaded")
+            entry.unloaded = True
+            for lv in entry.versions.values():
+                self._retire(lv)
+
+    def _retire(self, lv: LoadedVersion) -> None:
+        """Stop new work; in-flight and queued calls finish before the runtime is dropped."""
+        lv.state = State.UNLOADED
+        self.metrics.model_ready.labels(lv.name, lv.version).set(0)
+        executor, runtime = lv.executor, lv.runtime
+        if executor is not None and runtime is not None:
+            executor.submit(runtime.unload)
+            executor.shutdown(wait=False)
+
+    async def close(self) -> None:
+        for entry in self.models.values():
+            for lv in entry.versions.values():
+                if lv.state is State.READY:
+                    self._retire(lv)
+
+    # lookup ------------------------------------------------------------------------------
+    def entry(self, name: str) -> ModelEntry:
+        entry = self.models.get(name)
+        if entry is None:
+            raise NotFound(f"unknown model '{name}'")
+        if entry.unloaded:
+            raise Unavailable(f"model '{name}' is unloaded")
+        return entry
+
+    @property
+    def ready(self) -> bool:
+        """Server readiness: the initial load is done and every loaded model has a ready version."""
+        if not self.started:
+            return False
+        return all(
+            any(lv.state is State.READY for lv in e.versions.values())
+            for e in self.models.values()
+            if not e.unloaded
+        )
+
+    # running -----------------------------------------------------------------------------
+    async def infer(
+        self, lv: LoadedVersion, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None
+    ) -> dict[str, np.ndarray]:
+        if lv.state is not State.READY or lv.executor is None or lv.runtime is None:
+            raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
+        runtime = lv.runtime
+        submitted = time.perf_counter_ns()
+        timing: list[int] = []
+
+        def run() -> dict[str, np.ndarray]:
+            started = time.perf_counter_ns()
+            result = runtime.predict(inputs, outputs)
+            timing.extend((started - submitted, time.perf_counter_ns() - started))
+            return result
+
+        loop = asyncio.get_running_loop()
+        try:
+            result = await loop.run_in_executor(lv.executor, run)
+        except RuntimeError as exc:
+            if "shutdown" in str(exc):  # the version was retired between lookup and submit
+                raise Unavailable(f"model '{lv.name}' version {lv.version} was unloaded") from None
+            raise
+        queue_ns, infer_ns = timing
+        batch = _batch_size(inputs)
+        lv.stats.record_execution(batch, queue_ns, infer_ns)
+        labels = (lv.name, lv.version)
+        self.metrics.queue_latency.labels(*labels).observe(queue_ns / 1e9)
+        self.metrics.compute_latency.labels(*labels).observe(infer_ns / 1e9)
+        self.metrics.batch_size.labels(*labels).observe(batch)
+        return result
+
+
+def _batch_size(inputs: dict[str, np.ndarray]) -> int:
+    for arr in inputs.values():
+        return int(arr.shape[0]) if arr.ndim else 1
+    return 1

@@ -1,0 +1,1 @@
+"""Metrics, tracing and audit: called from every layer, importing none of them."""

@@ -1,0 +1,23 @@
+"""What every protocol front end is handed by the server: one engine, one predictor, one metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from inferplane import __version__
+from inferplane.engine.manager import ModelManager
+from inferplane.observability.metrics import Metrics
+from inferplane.predictor import InProcessPredictor
+
+DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
+EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
+
+
+@dataclass
+class ServingDeps:
+    manager: ModelManager
+    predictor: InProcessPredictor
+    metrics: Metrics
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
+    server_name: str = "inferplane"
+    server_version: str = __version__

@@ -1,0 +1,88 @@
+"""Model descriptions shared by REST and gRPC: V2 metadata, Triton-style config, repository index."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from inferplane.engine.manager import LoadedVersion, ModelEntry
+from inferplane.repository.schema import ModelConfig, TensorDecl
+
+TRITON_TYPES = {
+    "BOOL": "TYPE_BOOL",
+    "UINT8": "TYPE_UINT8",
+    "UINT16": "TYPE_UINT16",
+    "UINT32": "TYPE_UINT32",
+    "UINT64": "TYPE_UINT64",
+    "INT8": "TYPE_INT8",
+    "INT16": "TYPE_INT16",
+    "INT32": "TYPE_INT32",
+    "INT64": "TYPE_INT64",
+    "FP16": "TYPE_FP16",
+    "BF16": "TYPE_BF16",
+    "FP32": "TYPE_FP32",
+    "FP64": "TYPE_FP64",
+    "BYTES": "TYPE_STRING",
+}
+
+
+def model_metadata(entry: ModelEntry, lv: LoadedVersion) -> dict[str, Any]:
+    config = lv.config
+    return {
+        "name": config.name,
+        "versions": [str(v) for v in sorted(entry.versions)],
+        "platform": lv.platform or config.runtime,
+        "inputs": [t.spec().as_dict() for t in config.inputs],
+        "outputs": [t.spec().as_dict() for t in config.outputs],
+        "parameters": {"version": str(config.version), "runtime": config.runtime},
+    }
+
+
+def _triton_tensor(t: TensorDecl, batched: bool) -> dict[str, Any]:
+    dims = t.shape[1:] if batched and t.shape else t.shape
+    return {"name": t.name, "data_type": TRITON_TYPES[t.datatype], "dims": list(dims)}
+
+
+def model_config(config: ModelConfig, platform: str) -> dict[str, Any]:
+    """The model configuration extension in Triton's shape (perf_analyzer reads it at start)."""
+    batched = config.max_batch_size > 0
+    doc: dict[str, Any] = {
+        "name": config.name,
+        "platform": platform or config.runtime,
+        "backend": config.runtime,
+        "version_policy": {"specific": {"versions": [config.version]}},
+        "max_batch_size": config.max_batch_size,
+        "input": [_triton_tensor(t, batched) for t in config.inputs],
+        "output": [_triton_tensor(t, batched) for t in config.outputs],
+        "instance_group": [
+            {
+                "name": f"{config.name}_0",
+                "count": config.instances,
+                "kind": "KIND_GPU" if config.device.startswith("cuda") else "KIND_CPU",
+            }
+        ],
+        "parameters": {k: {"string_value": str(v)} for k, v in config.metadata.items()},
+    }
+    if config.batching is not None and config.batching.enabled:
+        doc["dynamic_batching"] = {
+            "preferred_batch_size": config.batching.preferred_batch_sizes,
+            "max_queue_delay_microseconds": config.batching.max_queue_delay_us,
+        }
+    return doc
+
+
+def repository_index(
+    names_in_repository: list[str], loaded: dict[str, ModelEntry], ready_only: bool
+) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for name in sorted(set(names_in_repository) | set(loaded)):
+        entry = loaded.get(name)
+        if entry is None:
+            rows.append({"name": name, "state": "UNAVAILABLE", "reason": "not loaded"})
+            continue
+        for number, lv in sorted(entry.versions.items()):
+            state = "UNAVAILABLE" if entry.unloaded else lv.state.value
+            reason = "unloaded" if entry.unloaded else lv.reason
+            rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
+    if ready_only:
+        rows = [r for r in rows if r["state"] == "READY"]
+    return rows

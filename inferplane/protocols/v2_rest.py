@@ -1,0 +1,240 @@
+"""Open Inference Protocol (KServe V2) over REST, with Triton's binary, repository, statistics and
+model configuration extensions. Handlers stay thin: decode, call the predictor, encode."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from inferplane.engine.manager import LoadedVersion, ModelEntry, State
+from inferplane.errors import BadRequest, InferplaneError, NotFound, PayloadTooLarge
+from inferplane.observability.metrics import UNKNOWN
+from inferplane.predictor import RequestContext
+from inferplane.protocols import model_views
+from inferplane.protocols.deps import EXTENSIONS, ServingDeps
+from inferplane.protocols.v2_codec import (
+    HEADER_LENGTH,
+    decode_request,
+    dumps,
+    encode_response,
+    loads,
+)
+
+log = logging.getLogger("inferplane.rest")
+JSON = "application/json"
+
+
+def json_response(doc: Any, status: int = 200) -> Response:
+    return Response(dumps(doc), status_code=status, media_type=JSON)
+
+
+def error_response(exc: InferplaneError) -> Response:
+    return json_response({"error": exc.message}, exc.status)
+
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def guarded(handler: Handler) -> Handler:
+    """Every failure becomes the V2 error body; only unexpected faults are 500 (and logged)."""
+
+    async def wrapper(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except InferplaneError as exc:
+            return error_response(exc)
+        except Exception:
+            log.exception("internal error on %s %s", request.method, request.url.path)
+            return json_response({"error": "internal server error (see the server log)"}, 500)
+
+    return wrapper
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit} bytes"
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def version_param(request: Request) -> str | None:
+    version = request.path_params.get("version")
+    return str(version) if version is not None else None
+
+
+def build_routes(deps: ServingDeps) -> list[Route]:
+    manager, predictor, metrics = deps.manager, deps.predictor, deps.metrics
+
+    async def live(request: Request) -> Response:
+        return json_response({"live": True})
+
+    async def ready(request: Request) -> Response:
+        ok = manager.ready
+        return json_response({"ready": ok}, 200 if ok else 503)
+
+    async def server_metadata(request: Request) -> Response:
+        return json_response(
+            {"name": deps.server_name, "version": deps.server_version, "extensions": EXTENSIONS}
+        )
+
+    async def model_ready(request: Request) -> Response:
+        name = request.path_params["model"]
+        entry = manager.entry(name)
+        try:
+            lv, _ = predictor.router.resolve(name, version_param(request))
+            ok = lv.state is State.READY
+        except InferplaneError as exc:
+            if isinstance(exc, NotFound):
+                raise
+            ok = False
+        return json_response({"name": entry.name, "ready": ok}, 200 if ok else 503)
+
+    def _lookup(request: Request) -> tuple[ModelEntry, LoadedVersion]:
+        name = request.path_params["model"]
+        lv, _ = predictor.router.lookup(name, version_param(request))
+        return manager.entry(name), lv
+
+    async def model_metadata(request: Request) -> Response:
+        entry, lv = _lookup(request)
+        return json_response(model_views.model_metadata(entry, lv))
+
+    async def model_config(request: Request) -> Response:
+        _, lv = _lookup(request)
+        return json_response(model_views.model_config(lv.config, lv.platform))
+
+    async def infer(request: Request) -> Response:
+        started = time.perf_counter()
+        name = request.path_params["model"]
+        label_model, label_version, status = UNKNOWN, "", 500
+        metrics.inflight.inc()
+        try:
+            body = await read_body(request, deps.max_payload_bytes)
+            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
+            context = RequestContext(
+                request_id=decoded.id,
+                headers=request.headers,
+                traceparent=request.headers.get("traceparent"),
+            )
+            prediction = await predictor.predict(
+                name,
+                decoded.inputs,
+                version=version_param(request),
+                outputs=[o.name for o in decoded.outputs] or None,
+                context=context,
+            )
+            label_model, label_version = prediction.model_name, prediction.model_version
+            payload, header_len = encode_response(
+                prediction.model_name, prediction.model_version, decoded, prediction.outputs
+            )
+            status = 200
+            headers = {"x-inferplane-route": prediction.route}
+            if header_len is None:
+                return Response(payload, media_type=JSON, headers=headers)
+            headers["Inference-Header-Content-Length"] = str(header_len)
+            return Response(payload, media_type="application/octet-stream", headers=headers)
+        except InferplaneError as exc:
+            status = exc.status
+            if name in manager.models:
+                label_model = name
+            return error_response(exc)
+        finally:
+            metrics.inflight.dec()
+            metrics.requests.labels(label_model, label_version, "rest", str(status)).inc()
+            if status == 200:
+                metrics.request_latency.labels(label_model, label_version, "rest").observe(
+                    time.perf_counter() - started
+                )
+
+    async def stats(request: Request) -> Response:
+        name = request.path_params.get("model")
+        version = version_param(request)
+        rows = []
+        names = [name] if name else sorted(manager.models)
+        for model in names:
+            entry = manager.entry(model) if name else manager.models[model]
+            for number, lv in sorted(entry.versions.items()):
+                if version is not None and str(number) != version:
+                    continue
+                rows.append(lv.stats.as_dict(model, str(number)))
+        if name and version is not None and not rows:
+            raise NotFound(f"model '{name}' has no version {version}")
+        return json_response({"model_stats": rows})
+
+    async def repo_index(request: Request) -> Response:
+        body = await read_body(request, deps.max_payload_bytes)
+        ready_only = False
+        if body.strip():
+            doc = _json_object(body)
+            ready_only = bool(doc.get("ready", False))
+        names = await asyncio.to_thread(manager._list_models)
+        return json_response(model_views.repository_index(names, manager.models, ready_only))
+
+    async def repo_load(request: Request) -> Response:
+        name = request.path_params["model"]
+        body = await read_body(request, deps.max_payload_bytes)
+        if body.strip():
+            _json_object(body)
+        try:
+            entry = await manager.load_model(name)
+        except NotFound as exc:
+            raise BadRequest(exc.message) from None
+        if not any(lv.state is State.READY for lv in entry.versions.values()):
+            reasons = "; ".join(f"v{v}: {lv.reason}" for v, lv in sorted(entry.versions.items()))
+            raise BadRequest(f"failed to load '{name}': {reasons or 'no versions'}")
+        return json_response({"name": name, "load": True})
+
+    async def repo_unload(request: Request) -> Response:
+        name = request.path_params["model"]
+        await read_body(request, deps.max_payload_bytes)
+        await manager.unload_model(name)
+        return json_response({"name": name, "unload": True})
+
+    async def prometheus(request: Request) -> Response:
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    m = "/v2/models/{model}"
+    mv = "/v2/models/{model}/versions/{version}"
+    table: list[tuple[str, Handler, list[str]]] = [
+        ("/v2/health/live", live, ["GET"]),
+        ("/v2/health/ready", ready, ["GET"]),
+        ("/v2", server_metadata, ["GET"]),
+        ("/v2/models/stats", stats, ["GET"]),
+        (f"{m}/ready", model_ready, ["GET"]),
+        (f"{mv}/ready", model_ready, ["GET"]),
+        (f"{m}/config", model_config, ["GET"]),
+        (f"{mv}/config", model_config, ["GET"]),
+        (f"{m}/stats", stats, ["GET"]),
+        (f"{mv}/stats", stats, ["GET"]),
+        (f"{m}/infer", infer, ["POST"]),
+        (f"{mv}/infer", infer, ["POST"]),
+        (m, model_metadata, ["GET"]),
+        (mv, model_metadata, ["GET"]),
+        ("/v2/repository/index", repo_index, ["POST"]),
+        ("/v2/repository/models/{model}/load", repo_load, ["POST"]),
+        ("/v2/repository/models/{model}/unload", repo_unload, ["POST"]),
+        ("/metrics", prometheus, ["GET"]),
+    ]
+    return [Route(path, guarded(h), methods=methods) for path, h, methods in table]
+
+
+def _json_object(body: bytes) -> dict[str, Any]:
+    doc = loads(body)
+    if not isinstance(doc, dict):
+        raise BadRequest("the request body must be a JSON object")
+    return doc

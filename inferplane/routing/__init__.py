@@ -1,0 +1,1 @@
+"""Routing: which loaded model version answers a target (service or model) and version reference."""

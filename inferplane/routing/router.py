@@ -1,0 +1,48 @@
+"""Resolve a target and version reference to one loaded version.
+
+Today a target is a model name; services with traffic policies (canary, A/B, shadow) will resolve
+here too, so that every pattern (online, streaming, batch) routes the same way.
+"""
+
+from __future__ import annotations
+
+from inferplane.engine.manager import LoadedVersion, ModelManager, State
+from inferplane.errors import NotFound, Unavailable
+
+PRODUCTION = "production"
+
+
+class Router:
+    def __init__(self, manager: ModelManager) -> None:
+        self.manager = manager
+
+    def lookup(self, target: str, version: str | None = None) -> tuple[LoadedVersion, str]:
+        """(version in whatever state, route decision). No version: `production`, else latest."""
+        entry = self.manager.entry(target)
+        if not entry.versions:
+            raise Unavailable(f"model '{target}' has no loadable version")
+        if version is None or version == "":
+            number = entry.aliases.get(PRODUCTION, max(entry.versions))
+            decision = "production" if PRODUCTION in entry.aliases else "latest"
+        elif version.isdigit():
+            number, decision = int(version), "direct"
+        elif version in entry.aliases:
+            number, decision = entry.aliases[version], f"alias:{version}"
+        else:
+            raise NotFound(f"model '{target}' has no version or alias '{version}'")
+        lv = entry.versions.get(number)
+        if lv is None:
+            raise NotFound(f"model '{target}' has no version {number}")
+        return lv, decision
+
+    def resolve(self, target: str, version: str | None = None) -> tuple[LoadedVersion, str]:
+        """Like `lookup`, but only a READY version: others answer 503 with the reason."""
+        lv, decision = self.lookup(target, version)
+        number = lv.config.version
+        if lv.state is State.LOADING:
+            raise Unavailable(f"model '{target}' version {number} is loading")
+        if lv.state is not State.READY:
+            raise Unavailable(
+                f"model '{target}' version {number} is not available: {lv.reason or lv.state.value}"
+            )
+        return lv, decision
