@@ -121,13 +121,16 @@ def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.n
     except ValueError:
         raise BadRequest(f"input '{name}': data is a ragged nested list") from None
     kind = raw.dtype.kind
+    if kind == "O" and dtype.kind in "iu":  # Python ints beyond 64 bits
+        raw = _exact_integers(name, datatype, dtype, data)
+        kind = raw.dtype.kind
     if kind not in "biuf":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers, got {raw.dtype.name}")
     if dtype.kind == "b" and kind != "b":
         raise BadRequest(f"input '{name}': BOOL data must be true/false")
     if dtype.kind in "iu" and kind == "f":
-        raise BadRequest(f"input '{name}': {datatype} data must be integers, got floating point")
-    if dtype.kind in "iu" and raw.size:
+        raw = _exact_integers(name, datatype, dtype, data)
+    elif dtype.kind in "iu" and raw.size:
         info = np.iinfo(dtype)
         if raw.min() < info.min or raw.max() > info.max:
             raise BadRequest(f"input '{name}': a value is out of range for {datatype}")
@@ -136,6 +139,17 @@ def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.n
             f"input '{name}': shape {list(shape)} needs {count} elements, data has {raw.size}"
         )
     return raw.astype(dtype, copy=False).reshape(shape)
+
+
+def _exact_integers(name: str, datatype: str, dtype: np.dtype[Any], data: Any) -> np.ndarray:
+    """numpy turns integers beyond int64 (UINT64's upper half) into float64; read them exactly."""
+    obj = np.asarray(data, dtype=object)
+    if not all(type(v) is int for v in obj.reshape(-1)):
+        raise BadRequest(f"input '{name}': {datatype} data must be integers, got floating point")
+    try:
+        return obj.astype(dtype)
+    except OverflowError:
+        raise BadRequest(f"input '{name}': a value is out of range for {datatype}") from None
 
 
 def to_json_data(array: np.ndarray) -> Any:

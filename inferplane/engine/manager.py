@@ -177,6 +177,8 @@ class ModelManager:
 
     def _retire(self, lv: LoadedVersion) -> None:
         """Stop new work; in-flight and queued calls finish before the runtime is dropped."""
+        if lv.state is State.UNLOADED:
+            return
         lv.state = State.UNLOADED
         self.metrics.model_ready.labels(lv.name, lv.version).set(0)
         executor, runtime = lv.executor, lv.runtime

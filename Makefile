@@ -1,0 +1,51 @@
+# make run   - set up, build the example models, serve them on 127.0.0.1:8080 (HTTP) / :8081 (gRPC)
+# make test  - set up (Python deps + system packages), lint, type-check, run the whole test suite
+# make bench - load tests against the peers (see benchmarks/README.md)
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+MODELS_STAMP := examples/models/.built
+HOST ?= 127.0.0.1
+HTTP_PORT ?= 8080
+GRPC_PORT ?= 8081
+PYTEST_ARGS ?=
+
+.PHONY: setup system-deps models run test lint typecheck pytest bench clean
+
+$(STAMP): pyproject.toml scripts/venv.sh
+	./scripts/venv.sh dev
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+system-deps:
+	./scripts/system_deps.sh
+
+$(MODELS_STAMP): $(STAMP) examples/build_models.py examples/python_model/model.py
+	$(PY) examples/build_models.py
+	touch $(MODELS_STAMP)
+
+models: $(MODELS_STAMP)
+
+run: models
+	$(VENV)/bin/inferplane serve --repository examples/models --host $(HOST) \
+		--http-port $(HTTP_PORT) --grpc-port $(GRPC_PORT)
+
+lint: setup
+	$(VENV)/bin/ruff check inferplane tests examples benchmarks
+	$(VENV)/bin/ruff format --check inferplane tests examples benchmarks
+
+typecheck: setup
+	$(VENV)/bin/mypy inferplane
+
+pytest: setup system-deps
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test: lint typecheck pytest
+
+bench: setup system-deps models
+	$(PY) benchmarks/run.py
+
+clean:
+	rm -rf $(VENV) examples/models examples/artifacts .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Debian packages the test suite and tools need, installed only when missing (root: apt-get;
+# otherwise a message naming the packages).
+#   libb64-0d  - perf_analyzer (from tritonclient 2.51) links libb64.so.0d
+set -euo pipefail
+need=()
+ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d' || need+=(libb64-0d)
+[ ${#need[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" != 0 ]; then
+  echo "missing Debian packages: ${need[*]} (run: sudo apt-get install -y ${need[*]})" >&2
+  exit 1
+fi
+export DEBIAN_FRONTEND=noninteractive
+apt-get install -y -q "${need[@]}" >/dev/null 2>&1 || {
+  apt-get update -q >/dev/null
+  apt-get install -y -q "${need[@]}" >/dev/null
+}
+echo "installed: ${need[*]}"
