@@ -73,6 +73,13 @@ def serve(
         float, typer.Option(help="Largest request body accepted (413 beyond).")
     ] = 64.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    strict_readiness: Annotated[
+        bool,
+        typer.Option(
+            help="Report ready only when every model loaded (Triton's rule); by default a model "
+            "that failed to load is reported but does not hold the server out of traffic."
+        ),
+    ] = False,
 ) -> None:
     """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
     from inferplane.server import ServerSettings, run
@@ -91,6 +98,7 @@ def serve(
             models=list(model or []),
             max_payload_bytes=int(max_payload_mb * 1024 * 1024),
             log_level=log_level.lower(),
+            strict_readiness=strict_readiness,
         )
     )
 

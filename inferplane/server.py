@@ -31,11 +31,17 @@ class ServerSettings:
     models: list[str] = field(default_factory=list)
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     log_level: str = "info"
+    strict_readiness: bool = False
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
     metrics = Metrics()
-    manager = ModelManager(Repository(settings.repository), metrics, settings.models or None)
+    manager = ModelManager(
+        Repository(settings.repository),
+        metrics,
+        settings.models or None,
+        strict_readiness=settings.strict_readiness,
+    )
     return ServingDeps(
         manager=manager,
         predictor=InProcessPredictor(manager),

@@ -68,11 +68,16 @@ class ModelEntry:
 
 class ModelManager:
     def __init__(
-        self, repository: Repository, metrics: Metrics, models: Sequence[str] | None = None
+        self,
+        repository: Repository,
+        metrics: Metrics,
+        models: Sequence[str] | None = None,
+        strict_readiness: bool = False,
     ) -> None:
         self.repository = repository
         self.metrics = metrics
         self.selected = list(models) if models else None
+        self.strict_readiness = strict_readiness
         self.models: dict[str, ModelEntry] = {}
         self.started = False  # the initial load has finished (successfully or not)
         self._lock = asyncio.Lock()
@@ -203,14 +208,20 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        """Server readiness: the initial load is done and every loaded model has a ready version."""
+        """Server readiness: the initial load is done and nothing is still loading.
+
+        A model that failed to load is reported (index, model ready, 503 on infer) but does not hold
+        the whole server out of traffic, unless `strict_readiness` asks for Triton's rule: every
+        model must have a ready version.
+        """
         if not self.started:
             return False
-        return all(
-            any(lv.state is State.READY for lv in e.versions.values())
-            for e in self.models.values()
-            if not e.unloaded
-        )
+        entries = [e for e in self.models.values() if not e.unloaded]
+        if any(lv.state is State.LOADING for e in entries for lv in e.versions.values()):
+            return False
+        if self.strict_readiness:
+            return all(any(lv.state is State.READY for lv in e.versions.values()) for e in entries)
+        return True
 
     # running -----------------------------------------------------------------------------
     async def infer(
