@@ -46,7 +46,7 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InferplaneError as exc:
-            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False)
+            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
@@ -219,7 +219,7 @@ def show_cmd(
     aliases = [a for a, v in repo.aliases(name).items() if v == config.version]
     table = Table(title=f"{name} version {config.version}", show_header=False)
     table.add_column("field", style="bold")
-    table.add_column("value")
+    table.add_column("value", no_wrap=True, overflow="ignore")  # digests must stay whole
     table.add_row("runtime", config.runtime)
     table.add_row("artifact", config.artifact)
     table.add_row("aliases", ", ".join(aliases) or "-")

@@ -68,7 +68,7 @@ class InProcessPredictor:
         started = time.perf_counter_ns()
         ok = False
         try:
-            result = await self.manager.infer(lv, dict(inputs), outputs)
+            result = await self.manager.infer(lv, dict(inputs), outputs, context.deadline)
             ok = True
         except InferplaneError:
             raise

@@ -20,7 +20,13 @@ import numpy as np
 
 from inferplane.engine.stats import VersionStats
 from inferplane.engine.warmup import warmup_inputs
-from inferplane.errors import InferplaneError, InternalError, NotFound, Unavailable
+from inferplane.errors import (
+    DeadlineExceeded,
+    InferplaneError,
+    InternalError,
+    NotFound,
+    Unavailable,
+)
 from inferplane.observability.metrics import Metrics
 from inferplane.repository.schema import ModelConfig
 from inferplane.repository.store import Repository, verify
@@ -146,7 +152,7 @@ class ModelManager:
         except Exception as exc:  # a framework's own error while loading a bad artifact
             lv.state, lv.reason = State.UNAVAILABLE, f"load failed: {type(exc).__name__}: {exc}"
         else:
-            lv.runtime, lv.platform = runtime, runtime.platform
+            lv.runtime, lv.platform = runtime, runtime.model_platform
             lv.executor = ThreadPoolExecutor(
                 max_workers=lv.config.instances, thread_name_prefix=f"{lv.name}-{lv.version}"
             )
@@ -225,8 +231,13 @@ class ModelManager:
 
     # running -----------------------------------------------------------------------------
     async def infer(
-        self, lv: LoadedVersion, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None
+        self,
+        lv: LoadedVersion,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None = None,
     ) -> dict[str, np.ndarray]:
+        """Run one request; `deadline` (time.monotonic()) drops work that waited too long."""
         if lv.state is not State.READY or lv.executor is None or lv.runtime is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
         runtime = lv.runtime
@@ -234,9 +245,17 @@ class ModelManager:
         timing: list[int] = []
 
         def run() -> dict[str, np.ndarray]:
+            if deadline is not None and time.monotonic() >= deadline:
+                raise DeadlineExceeded(
+                    f"model '{lv.name}' version {lv.version}: the request's deadline passed "
+                    "while it waited; it was dropped before the model ran"
+                )
             started = time.perf_counter_ns()
             result = runtime.predict(inputs, outputs)
-            timing.extend((started - submitted, time.perf_counter_ns() - started))
+            done = time.perf_counter_ns()
+            # Inputs reach the runtime zero-copy and outputs leave as they are: compute_input and
+            # compute_output are counted (perf_analyzer wants equal counts) at their cost, ~0.
+            timing.extend((started - submitted, 0, done - started, time.perf_counter_ns() - done))
             return result
 
         loop = asyncio.get_running_loop()
@@ -246,9 +265,9 @@ class ModelManager:
             if "shutdown" in str(exc):  # the version was retired between lookup and submit
                 raise Unavailable(f"model '{lv.name}' version {lv.version} was unloaded") from None
             raise
-        queue_ns, infer_ns = timing
+        queue_ns, input_ns, infer_ns, output_ns = timing
         batch = _batch_size(inputs)
-        lv.stats.record_execution(batch, queue_ns, infer_ns)
+        lv.stats.record_execution(batch, queue_ns, input_ns, infer_ns, output_ns)
         labels = (lv.name, lv.version)
         self.metrics.queue_latency.labels(*labels).observe(queue_ns / 1e9)
         self.metrics.compute_latency.labels(*labels).observe(infer_ns / 1e9)

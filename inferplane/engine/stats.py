@@ -44,15 +44,21 @@ class VersionStats:
         self.compute_output = Duration()
         self.batches: dict[int, BatchStats] = {}
 
-    def record_execution(self, batch_size: int, queue_ns: int, infer_ns: int) -> None:
+    def record_execution(
+        self, batch_size: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
+    ) -> None:
         with self._lock:
             self.execution_count += 1
             self.inference_count += batch_size
             self.last_inference_ms = time.time_ns() // 1_000_000
             self.queue.add(queue_ns)
+            self.compute_input.add(input_ns)
             self.compute_infer.add(infer_ns)
+            self.compute_output.add(output_ns)
             stats = self.batches.setdefault(batch_size, BatchStats())
+            stats.compute_input.add(input_ns)
             stats.compute_infer.add(infer_ns)
+            stats.compute_output.add(output_ns)
 
     def record_request(self, ok: bool, total_ns: int) -> None:
         with self._lock:

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
-from inferplane.engine.manager import LoadedVersion, ModelEntry
+from inferplane.engine.manager import LoadedVersion, ModelEntry, ModelManager, State
+from inferplane.errors import BadRequest, InferplaneError, NotFound
 from inferplane.repository.schema import ModelConfig, TensorDecl
+from inferplane.routing.router import Router
 
 TRITON_TYPES = {
     "BOOL": "TYPE_BOOL",
@@ -86,3 +89,54 @@ def repository_index(
     if ready_only:
         rows = [r for r in rows if r["state"] == "READY"]
     return rows
+
+
+# Request logic shared by the REST and gRPC front ends, so that both answer alike.
+
+
+def model_ready(router: Router, name: str, version: str | None) -> bool:
+    """Is the version `router` would serve READY? Only an unknown model or version is an error
+    (NotFound); loading, failed or unloaded models are simply not ready."""
+    try:
+        lv, _ = router.resolve(name, version)
+    except NotFound:
+        raise
+    except InferplaneError:
+        return False
+    return lv.state is State.READY
+
+
+def statistics(
+    manager: ModelManager, name: str | None, version: str | None
+) -> list[dict[str, Any]]:
+    """Statistics rows (VersionStats.as_dict) of one model, or of every model when `name` is
+    empty; `version` narrows to one version, which must then exist."""
+    rows: list[dict[str, Any]] = []
+    names = [name] if name else sorted(manager.models)
+    for model in names:
+        entry = manager.entry(model) if name else manager.models[model]
+        for number, lv in sorted(entry.versions.items()):
+            if version is not None and str(number) != version:
+                continue
+            rows.append(lv.stats.as_dict(model, str(number)))
+    if name and version is not None and not rows:
+        raise NotFound(f"model '{name}' has no version {version}")
+    return rows
+
+
+async def list_repository(manager: ModelManager, ready_only: bool) -> list[dict[str, Any]]:
+    """The repository index: every model in the repository or loaded, with its state."""
+    names = await asyncio.to_thread(manager._list_models)
+    return repository_index(names, manager.models, ready_only)
+
+
+async def load_model(manager: ModelManager, name: str) -> ModelEntry:
+    """(Re)load `name`; BadRequest (Triton's choice for load failures) unless a version is ready."""
+    try:
+        entry = await manager.load_model(name)
+    except NotFound as exc:
+        raise BadRequest(exc.message) from None
+    if not any(lv.state is State.READY for lv in entry.versions.values()):
+        reasons = "; ".join(f"v{v}: {lv.reason}" for v, lv in sorted(entry.versions.items()))
+        raise BadRequest(f"failed to load '{name}': {reasons or 'no versions'}")
+    return entry

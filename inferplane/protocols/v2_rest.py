@@ -3,7 +3,6 @@ model configuration extensions. Handlers stay thin: decode, call the predictor, 
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -13,8 +12,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from inferplane.engine.manager import LoadedVersion, ModelEntry, State
-from inferplane.errors import BadRequest, InferplaneError, NotFound, PayloadTooLarge
+from inferplane.engine.manager import LoadedVersion, ModelEntry
+from inferplane.errors import BadRequest, InferplaneError, PayloadTooLarge
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import RequestContext
 from inferplane.protocols import model_views
@@ -95,15 +94,8 @@ def build_routes(deps: ServingDeps) -> list[Route]:
 
     async def model_ready(request: Request) -> Response:
         name = request.path_params["model"]
-        entry = manager.entry(name)
-        try:
-            lv, _ = predictor.router.resolve(name, version_param(request))
-            ok = lv.state is State.READY
-        except InferplaneError as exc:
-            if isinstance(exc, NotFound):
-                raise
-            ok = False
-        return json_response({"name": entry.name, "ready": ok}, 200 if ok else 503)
+        ok = model_views.model_ready(predictor.router, name, version_param(request))
+        return json_response({"name": name, "ready": ok}, 200 if ok else 503)
 
     def _lookup(request: Request) -> tuple[ModelEntry, LoadedVersion]:
         name = request.path_params["model"]
@@ -162,18 +154,9 @@ def build_routes(deps: ServingDeps) -> list[Route]:
                 )
 
     async def stats(request: Request) -> Response:
-        name = request.path_params.get("model")
-        version = version_param(request)
-        rows = []
-        names = [name] if name else sorted(manager.models)
-        for model in names:
-            entry = manager.entry(model) if name else manager.models[model]
-            for number, lv in sorted(entry.versions.items()):
-                if version is not None and str(number) != version:
-                    continue
-                rows.append(lv.stats.as_dict(model, str(number)))
-        if name and version is not None and not rows:
-            raise NotFound(f"model '{name}' has no version {version}")
+        rows = model_views.statistics(
+            manager, request.path_params.get("model"), version_param(request)
+        )
         return json_response({"model_stats": rows})
 
     async def repo_index(request: Request) -> Response:
@@ -182,21 +165,14 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         if body.strip():
             doc = _json_object(body)
             ready_only = bool(doc.get("ready", False))
-        names = await asyncio.to_thread(manager._list_models)
-        return json_response(model_views.repository_index(names, manager.models, ready_only))
+        return json_response(await model_views.list_repository(manager, ready_only))
 
     async def repo_load(request: Request) -> Response:
         name = request.path_params["model"]
         body = await read_body(request, deps.max_payload_bytes)
         if body.strip():
             _json_object(body)
-        try:
-            entry = await manager.load_model(name)
-        except NotFound as exc:
-            raise BadRequest(exc.message) from None
-        if not any(lv.state is State.READY for lv in entry.versions.values()):
-            reasons = "; ".join(f"v{v}: {lv.reason}" for v, lv in sorted(entry.versions.items()))
-            raise BadRequest(f"failed to load '{name}': {reasons or 'no versions'}")
+        await model_views.load_model(manager, name)
         return json_response({"name": name, "load": True})
 
     async def repo_unload(request: Request) -> Response:

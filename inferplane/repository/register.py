@@ -7,8 +7,10 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+from pydantic import ValidationError
+
 from inferplane.errors import RepositoryError
-from inferplane.repository.schema import Batching, ModelConfig, TensorDecl
+from inferplane.repository.schema import MODEL_NAME, Batching, ModelConfig, TensorDecl, describe
 from inferplane.repository.store import Repository
 from inferplane.runtimes import get_runtime, guess_runtime
 from inferplane.tensors import TensorSpec
@@ -24,10 +26,11 @@ def parse_tensor_arg(text: str) -> TensorSpec:
             f"tensor '{text}': expected name:DATATYPE:shape, e.g. input:FP32:-1,32"
         )
     name, datatype, dims = m.groups()
-    decl = TensorDecl(
-        name=name, datatype=datatype, shape=[int(d) for d in dims.split(",")] if dims else []
-    )
-    return decl.spec()
+    shape = [int(d) for d in dims.split(",")] if dims else []
+    try:
+        return TensorDecl(name=name, datatype=datatype, shape=shape).spec()
+    except ValidationError as exc:
+        raise RepositoryError(f"tensor '{text}': {describe(exc)}") from None
 
 
 def _collect_files(artifact: str) -> tuple[str, dict[str, str]]:
@@ -83,12 +86,18 @@ def register(
             f"the {runtime} artifact does not describe its signature; pass "
             f"{' and '.join(missing)} name:DATATYPE:shape (e.g. --input input:FP32:-1,32)"
         )
+    if not MODEL_NAME.match(name):
+        raise RepositoryError(
+            f"model name '{name}': use letters, digits, '_', '.', '-' (max 128), starting with a "
+            "letter or digit"
+        )
     existing = repository.list_versions(name)
     new_version = version if version is not None else (existing[-1] + 1 if existing else 1)
-    config = ModelConfig(
+    config = ModelConfig.checked(
+        f"{name} version {new_version}",
         name=name,
         version=new_version,
-        runtime=runtime,  # type: ignore[arg-type]
+        runtime=runtime,
         artifact=art_name,
         inputs=[TensorDecl(**t.as_dict()) for t in inputs or []],
         outputs=[TensorDecl(**t.as_dict()) for t in outputs or []],

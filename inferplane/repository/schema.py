@@ -17,6 +17,12 @@ ALIAS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 MODEL_YAML = "model.yaml"
 
 
+def describe(exc: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}" for e in exc.errors()
+    )
+
+
 class TensorDecl(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -124,11 +130,12 @@ class ModelConfig(BaseModel):
             raise RepositoryError(f"{where}: not valid YAML: {exc}") from None
         if not isinstance(data, dict):
             raise RepositoryError(f"{where}: expected a mapping at the top level")
+        return cls.checked(where, **data)
+
+    @classmethod
+    def checked(cls, where: str, **fields: Any) -> ModelConfig:
+        """Validate, turning pydantic's report into one RepositoryError naming each field."""
         try:
-            return cls.model_validate(data)
+            return cls.model_validate(fields)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '<root>'}: {e['msg']}"
-                for e in exc.errors()
-            )
-            raise RepositoryError(f"{where}: {problems}") from None
+            raise RepositoryError(f"{where}: {describe(exc)}") from None

@@ -189,8 +189,7 @@ class Repository:
     # loading -----------------------------------------------------------------------------
     def fetch(self, config: ModelConfig) -> str:
         """A local folder holding the version's files: the folder itself on local disk, else a
-        cache copy (files whose size already matches are not downloaded again; `verify` checks
-        their content)."""
+        cache copy; cached files are reused only when their sha256 matches model.yaml."""
         vdir = self.version_path(config.name, config.version)
         if self.is_local:
             return vdir
@@ -205,10 +204,16 @@ class Repository:
                 raise IntegrityError(
                     f"{config.name} v{config.version}: artifact file '{rel}' is missing"
                 ) from None
-            if os.path.exists(dest) and os.path.getsize(dest) == size:
+            if (
+                os.path.exists(dest)
+                and os.path.getsize(dest) == size
+                and sha256_file(LocalFileSystem(), dest) == config.sha256[rel]
+            ):
                 continue
             os.makedirs(os.path.dirname(dest), exist_ok=True)
-            self.fs.get_file(src, dest)
+            tmp = f"{dest}.part-{os.getpid()}"
+            self.fs.get_file(src, tmp)
+            os.replace(tmp, dest)  # a crashed download never looks like a cached copy
         return local
 
 

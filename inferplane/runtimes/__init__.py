@@ -18,13 +18,13 @@ _RUNTIMES: dict[str, tuple[str, str, str]] = {
     "torch": ("inferplane.runtimes.torch", "TorchRuntime", "torch"),
     "python": ("inferplane.runtimes.python", "PythonRuntime", "python"),
 }
-# The framework package each runtime imports, to name it in the missing-extra error.
-_FRAMEWORK = {
-    "onnx": "onnxruntime",
-    "sklearn": "sklearn",
-    "xgboost": "xgboost",
-    "lightgbm": "lightgbm",
-    "torch": "torch",
+# The framework packages each runtime imports, to name them in the missing-extra error.
+_FRAMEWORK: dict[str, tuple[str, ...]] = {
+    "onnx": ("onnxruntime",),
+    "sklearn": ("sklearn", "joblib"),
+    "xgboost": ("xgboost",),
+    "lightgbm": ("lightgbm",),
+    "torch": ("torch",),
 }
 
 
@@ -42,9 +42,9 @@ def get_runtime(name: str) -> type[Runtime]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
-        framework = _FRAMEWORK.get(name)
-        if framework and exc.name and exc.name.split(".")[0] == framework:
-            raise MissingExtra(framework, extra) from None
+        missing = (exc.name or "").split(".")[0]
+        if missing in _FRAMEWORK.get(name, ()):
+            raise MissingExtra(missing, extra) from None
         raise
     cls: type[Runtime] = getattr(module, cls_name)
     return cls

@@ -11,8 +11,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from inferplane.errors import RepositoryError
 from inferplane.repository.schema import ModelConfig
-from inferplane.tensors import TensorSpec
+from inferplane.tensors import BYTES, DATATYPE_TO_DTYPE, TensorSpec
 
 
 @dataclass(slots=True)
@@ -39,6 +40,11 @@ class Runtime(ABC):
         self.config = config
         self.local_dir = local_dir
         self.artifact_path = os.path.join(local_dir, config.artifact)
+
+    @property
+    def model_platform(self) -> str:
+        """The V2 platform of this loaded model (a runtime serving several formats refines it)."""
+        return self.platform
 
     @abstractmethod
     def load(self) -> None: ...
@@ -87,3 +93,32 @@ def threads_per_instance(config: ModelConfig) -> int:
         len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     )
     return max(1, cores // config.instances)
+
+
+def as_datatype(value: Any, datatype: str) -> np.ndarray:
+    """`value` as an array of a V2 datatype's dtype; BYTES is an object array of `bytes`."""
+    array = np.asarray(value)
+    if datatype != BYTES:
+        return array.astype(DATATYPE_TO_DTYPE[datatype], copy=False)
+    flat = [bytes(v) if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)]
+    out = np.empty(len(flat), dtype=object)
+    out[:] = flat
+    return out.reshape(array.shape)
+
+
+def as_declared(
+    config: ModelConfig, results: dict[str, Any], names: Sequence[str]
+) -> dict[str, np.ndarray]:
+    """The outputs `names` of `results`, each in the datatype model.yaml declares for it."""
+    datatypes = {o.name: o.datatype for o in config.outputs}
+    return {n: as_datatype(results[n], datatypes[n]) for n in names}
+
+
+def check_outputs(config: ModelConfig, available: Sequence[str], what: str) -> None:
+    """Refuse at load time a model.yaml that declares an output the model cannot produce."""
+    unknown = [o.name for o in config.outputs if o.name not in available]
+    if unknown:
+        raise RepositoryError(
+            f"model '{config.name}' declares output {', '.join(unknown)}, but a {what} model "
+            f"only gives {', '.join(available)}"
+        )

@@ -13,8 +13,13 @@ import lightgbm as lgb
 import numpy as np
 
 from inferplane.errors import RepositoryError
-from inferplane.runtimes.base import Runtime, Signature, threads_per_instance
-from inferplane.runtimes.python import as_declared, check_outputs
+from inferplane.runtimes.base import (
+    Runtime,
+    Signature,
+    as_declared,
+    check_outputs,
+    threads_per_instance,
+)
 from inferplane.tensors import TensorSpec
 
 _CLASSIFIERS = ("binary", "multiclass", "multiclassova")

@@ -24,41 +24,10 @@ from typing import Any
 
 import numpy as np
 
-from inferplane.errors import RepositoryError
-from inferplane.repository.schema import ModelConfig
-from inferplane.runtimes.base import Runtime
-from inferplane.tensors import BYTES, DATATYPE_TO_DTYPE
+from inferplane.errors import InternalError, RepositoryError
+from inferplane.runtimes.base import Runtime, as_declared
 
 ENTRY = "model.py"
-
-
-def as_datatype(value: Any, datatype: str) -> np.ndarray:
-    """`value` as an array of a V2 datatype's dtype; BYTES is an object array of `bytes`."""
-    array = np.asarray(value)
-    if datatype != BYTES:
-        return array.astype(DATATYPE_TO_DTYPE[datatype], copy=False)
-    flat = [bytes(v) if isinstance(v, bytes) else str(v).encode() for v in array.reshape(-1)]
-    out = np.empty(len(flat), dtype=object)
-    out[:] = flat
-    return out.reshape(array.shape)
-
-
-def as_declared(
-    config: ModelConfig, results: dict[str, Any], names: Sequence[str]
-) -> dict[str, np.ndarray]:
-    """The outputs `names` of `results`, each in the datatype model.yaml declares for it."""
-    datatypes = {o.name: o.datatype for o in config.outputs}
-    return {n: as_datatype(results[n], datatypes[n]) for n in names}
-
-
-def check_outputs(config: ModelConfig, available: Sequence[str], what: str) -> None:
-    """Refuse at load time a model.yaml that declares an output the model cannot produce."""
-    unknown = [o.name for o in config.outputs if o.name not in available]
-    if unknown:
-        raise RepositoryError(
-            f"model '{config.name}' declares output {', '.join(unknown)}, but a {what} model "
-            f"only gives {', '.join(available)}"
-        )
 
 
 def _import(path: str, module_name: str) -> ModuleType:
@@ -103,8 +72,7 @@ class PythonRuntime(Runtime):
         if not os.path.isfile(file):
             raise RepositoryError(f"python model '{self.config.name}': '{file}' does not exist")
         safe = re.sub(r"\W", "_", self.config.name)
-        self._module_name = f"inferplane_user_{safe}_{self.config.version}"
-        self._module = _import(file, self._module_name)
+        self._module = _import(file, f"inferplane_user_{safe}_{self.config.version}")
         cls = getattr(self._module, "Model", None)
         if not inspect.isclass(cls):
             self._forget_module()
@@ -129,14 +97,14 @@ class PythonRuntime(Runtime):
     ) -> dict[str, np.ndarray]:
         results = self.model.predict(dict(inputs))
         if not isinstance(results, dict):
-            raise RepositoryError(
+            raise InternalError(
                 f"python model '{self.config.name}': Model.predict returned "
                 f"{type(results).__name__}, expected a dict of output name -> array"
             )
         names = list(outputs) if outputs else [o.name for o in self.config.outputs]
         missing = [n for n in names if n not in results]
         if missing:
-            raise RepositoryError(
+            raise InternalError(
                 f"python model '{self.config.name}': Model.predict returned no "
                 f"{', '.join(missing)} (it returned {', '.join(map(str, results)) or 'nothing'})"
             )
@@ -151,8 +119,9 @@ class PythonRuntime(Runtime):
 
     def _forget_module(self) -> None:
         # Another instance of the same version may have imported the file again since.
-        name = getattr(self, "_module_name", "")
-        if name and sys.modules.get(name) is getattr(self, "_module", None):
+        module: ModuleType | None = getattr(self, "_module", None)
+        name = module.__name__ if module is not None else ""
+        if module is not None and sys.modules.get(name) is module:
             del sys.modules[name]
 
     @classmethod

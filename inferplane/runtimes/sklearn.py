@@ -14,8 +14,7 @@ import numpy as np
 import sklearn  # noqa: F401  # a missing scikit-learn is reported here, as the extra to install
 
 from inferplane.errors import RepositoryError
-from inferplane.runtimes.base import Runtime, Signature
-from inferplane.runtimes.python import as_declared
+from inferplane.runtimes.base import Runtime, Signature, as_declared
 from inferplane.tensors import BYTES, TensorSpec, bytes_as_str
 
 # Methods that change the model or need labels: never reachable through an output name.

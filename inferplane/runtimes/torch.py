@@ -15,9 +15,8 @@ import torch
 from torch.export.graph_signature import InputKind, OutputKind
 from torch.export.passes import move_to_device_pass
 
-from inferplane.errors import RepositoryError
-from inferplane.runtimes.base import Runtime, Signature, threads_per_instance
-from inferplane.runtimes.python import as_declared
+from inferplane.errors import InternalError, RepositoryError
+from inferplane.runtimes.base import Runtime, Signature, as_declared, threads_per_instance
 from inferplane.tensors import TensorSpec
 
 EXPORT_SUFFIX = ".pt2"
@@ -84,7 +83,7 @@ def _specs(names: list[str], args: list[str], nodes: dict[str, Any]) -> list[Ten
 
 class TorchRuntime(Runtime):
     name = "torch"
-    platform = "pytorch_torchscript"  # a `.pt2` model is pytorch_export: see model_platform
+    platform = "pytorch_torchscript"
     releases_gil = True
     artifact_suffixes = (".pt", EXPORT_SUFFIX, ".torchscript")
 
@@ -123,7 +122,7 @@ class TorchRuntime(Runtime):
             else:
                 flat = list(result) if isinstance(result, tuple | list) else [result]
                 if len(flat) != len(self._outputs):
-                    raise RepositoryError(
+                    raise InternalError(
                         f"torch model '{self.config.name}' returned {len(flat)} tensors for "
                         f"{len(self._outputs)} declared outputs ({', '.join(self._outputs)})"
                     )
@@ -131,7 +130,7 @@ class TorchRuntime(Runtime):
             names = list(outputs) if outputs else self._outputs
             missing = [n for n in names if not isinstance(tensors.get(n), torch.Tensor)]
             if missing:
-                raise RepositoryError(
+                raise InternalError(
                     f"torch model '{self.config.name}' returned no tensor for "
                     f"{', '.join(missing)} (it returned {', '.join(map(str, tensors))})"
                 )

@@ -15,8 +15,13 @@ import numpy as np
 import xgboost as xgb
 
 from inferplane.errors import RepositoryError
-from inferplane.runtimes.base import Runtime, Signature, threads_per_instance
-from inferplane.runtimes.python import as_declared, check_outputs
+from inferplane.runtimes.base import (
+    Runtime,
+    Signature,
+    as_declared,
+    check_outputs,
+    threads_per_instance,
+)
 from inferplane.tensors import TensorSpec
 
 _SNIFF_BYTES = 4096

@@ -48,7 +48,7 @@ def server(
 
     A 2 MiB payload limit so that the 413 case needs no huge body.
     """
-    srv = start_server(example_build[0], tmp_path_factory.mktemp("logs"), "--max-payload-mb", "2", grpc=False)
+    srv = start_server(example_build[0], tmp_path_factory.mktemp("logs"), "--max-payload-mb", "2")
     yield srv
     srv.stop()
 

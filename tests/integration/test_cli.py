@@ -211,7 +211,7 @@ def registered(tmp_path: Path, make_onnx_model: MakeModel) -> Path:
 def test_errors_are_one_line_with_exit_code_2(
     registered: Path, args: list[str], expected: str
 ) -> None:
-    # wide: rich's wrapping of long messages at 80 columns has its own (xfail) test below
+    # wide: long messages piped at 80 columns have their own test below
     result = cli(*args, cwd=registered)
     assert_one_line_error(result, expected)
     assert result.stdout == ""
@@ -252,21 +252,13 @@ def test_alias_without_version_or_remove_is_a_usage_error(registered: Path) -> N
     assert "give the VERSION the alias points to, or --remove" in result.stderr
 
 
-_TRACEBACK = pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a pydantic ValidationError (register.py parse_tensor_arg / register building "
-    "TensorDecl/ModelConfig) is not an InferplaneError, so cli.py one_line_errors lets it out "
-    "as a traceback with exit code 1",
-)
-
-
 @pytest.mark.parametrize(
     ("option", "expected"),
     [
-        pytest.param(["--input", "input:FP99:-1,4"], "FP99", marks=_TRACEBACK),
-        pytest.param(["--input", "input:FP32:0,4"], "-1", marks=_TRACEBACK),
-        pytest.param(["--device", "gpu"], "device", marks=_TRACEBACK),
-        pytest.param(["--instances", "0"], "instances", marks=_TRACEBACK),
+        pytest.param(["--input", "input:FP99:-1,4"], "FP99"),
+        pytest.param(["--input", "input:FP32:0,4"], "-1"),
+        pytest.param(["--device", "gpu"], "device"),
+        pytest.param(["--instances", "0"], "instances"),
     ],
     ids=["unknown-datatype", "zero-dimension", "bad-device", "zero-instances"],
 )
@@ -281,22 +273,12 @@ def test_invalid_register_values_are_one_line_errors(
     assert Repository(str(registered / "repo")).list_versions("fraud") == [1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli.py one_line_errors: err_console (rich) wraps the message at 80 columns when "
-    "stderr is not a terminal, so long errors span several lines; print with soft_wrap=True",
-)
 def test_long_error_stays_on_one_line_when_piped(registered: Path) -> None:
     deep = "a/very/long/path/that/goes/on/and/on/for/quite/a/while/model.onnx"
     result = cli("models", "register", "fraud", deep, "-r", "repo", cwd=registered, narrow=True)
     assert_one_line_error(result, "does not exist")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG cli.py show_cmd: piped output is 80 columns wide and rich truncates the sha256 "
-    "cell with '…', so `models show | grep sha256` never shows the full digest",
-)
 def test_show_prints_the_full_sha256_when_piped(registered: Path) -> None:
     digest = hashlib.sha256((registered / "m.onnx").read_bytes()).hexdigest()
     shown = ok(cli("models", "show", "fraud", "-r", "repo", cwd=registered, narrow=True))

@@ -4,7 +4,8 @@ One `inferplane serve` subprocess (module scope) serves a tiny repository:
 - `double`: ONNX, `input` FP32 [-1, 4] -> `output` = input * 2 + 1 (FP32), `argmax` (INT64 [-1]);
   registered with a batch dimension (max_batch_size 8) so that the config drops it from dims;
 - `echo`: a python model that returns every input unchanged as `<input>_out`, one input per V2
-  datatype except BF16.
+  datatype except BF16; `echo_typed` is the same without FP16, which typed contents cannot carry;
+- `slow`: a python model that sleeps `x[0]` seconds, then returns `y` = x.
 The server runs in its own process, as it would in production; this process imports tritonclient
 and, for the direct decoding tests, our own stubs too (they live in a private descriptor pool).
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
 import subprocess
 import sys
 import textwrap
@@ -38,7 +40,6 @@ from inferplane.repository.register import register
 from inferplane.repository.schema import Batching
 from inferplane.repository.store import Repository
 from inferplane.tensors import TensorSpec
-from tests.conftest import free_port
 
 MAX_PAYLOAD_MB = 4  # small, so that the over-limit case stays cheap
 STARTUP_S = 90
@@ -59,6 +60,7 @@ ECHO_TYPES = {
     "f64": "FP64",
     "s": "BYTES",
 }
+TYPED_TYPES = {n: dt for n, dt in ECHO_TYPES.items() if dt != "FP16"}
 
 ECHO_MODEL_PY = textwrap.dedent(
     """
@@ -68,6 +70,20 @@ ECHO_MODEL_PY = textwrap.dedent(
 
         def predict(self, inputs):
             return {f"{name}_out": value for name, value in inputs.items()}
+    """
+)
+
+
+SLOW_MODEL_PY = textwrap.dedent(
+    """
+    import time
+
+
+    class Model:
+        def predict(self, inputs):
+            x = inputs["x"]
+            time.sleep(float(x[0]) if x.size else 0.0)
+            return {"y": x}
     """
 )
 
@@ -110,15 +126,33 @@ def _build_repository(root: Path) -> str:
     echo_dir = root / "echo"
     echo_dir.mkdir()
     (echo_dir / "model.py").write_text(ECHO_MODEL_PY)
+    for name, types in (("echo", ECHO_TYPES), ("echo_typed", TYPED_TYPES)):
+        register(
+            repo,
+            name,
+            str(echo_dir),
+            runtime="python",
+            inputs=[TensorSpec(n, dt, [-1]) for n, dt in types.items()],
+            outputs=[TensorSpec(f"{n}_out", dt, [-1]) for n, dt in types.items()],
+        )
+    slow_dir = root / "slow"
+    slow_dir.mkdir()
+    (slow_dir / "model.py").write_text(SLOW_MODEL_PY)
     register(
         repo,
-        "echo",
-        str(echo_dir),
+        "slow",
+        str(slow_dir),
         runtime="python",
-        inputs=[TensorSpec(n, dt, [-1]) for n, dt in ECHO_TYPES.items()],
-        outputs=[TensorSpec(f"{n}_out", dt, [-1]) for n, dt in ECHO_TYPES.items()],
+        inputs=[TensorSpec("x", "FP32", [-1])],
+        outputs=[TensorSpec("y", "FP32", [-1])],
     )
     return str(repo_dir)
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 @dataclass
@@ -143,10 +177,12 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None
                 f"{log_path.read_text(errors='replace')[-3000:]}",
                 pytrace=False,
             )
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as resp:
-                if resp.status == 200:
-                    return
+        with (
+            contextlib.suppress(OSError),
+            urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as resp,
+        ):
+            if resp.status == 200:
+                return
         if time.monotonic() > deadline:
             pytest.fail(
                 f"the server was not ready within {STARTUP_S} s:\n"
@@ -160,7 +196,7 @@ def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     root = tmp_path_factory.mktemp("grpc")
     repo = _build_repository(root)
-    http_port, grpc_port = free_port(), free_port()
+    http_port, grpc_port = _free_port(), _free_port()
     log_path = root / "server.log"
     cmd = [
         sys.executable, "-m", "inferplane", "serve",
@@ -255,8 +291,14 @@ def test_standard_health_service(server: Server) -> None:
     with grpc.insecure_channel(server.grpc_url) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService"):
-            answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
-            assert answer.status == health_pb2.HealthCheckResponse.SERVING, service
+            # The health service follows readiness by polling (every 0.2 s): allow it to catch up.
+            deadline = time.monotonic() + 5
+            while True:
+                answer = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                if answer.status == health_pb2.HealthCheckResponse.SERVING:
+                    break
+                assert time.monotonic() < deadline, f"{service!r}: {answer.status}"
+                time.sleep(0.05)
         with pytest.raises(grpc.RpcError) as info:
             health.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
@@ -304,7 +346,7 @@ def test_model_config(client: grpcclient.InferenceServerClient) -> None:
     assert not config.HasField("dynamic_batching")  # batching declared but switched off
     assert config.instance_group[0].kind == model_config_pb2.ModelInstanceGroup.KIND_CPU
     echo = client.get_model_config("echo", as_json=True)["config"]
-    assert echo["max_batch_size"] == 0 if "max_batch_size" in echo else True
+    assert echo.get("max_batch_size", 0) == 0  # JSON leaves zero values out
     types = {t["name"]: t["data_type"] for t in echo["input"]}
     assert types["s"] == "TYPE_STRING" and types["f16"] == "TYPE_FP16"
 
@@ -356,7 +398,7 @@ def test_infer_every_datatype(client: grpcclient.InferenceServerClient) -> None:
 
 def test_typed_contents(server: Server) -> None:
     """Clients other than tritonclient send typed `contents` instead of raw bytes."""
-    request = service_pb2.ModelInferRequest(model_name="echo", id="typed")
+    request = service_pb2.ModelInferRequest(model_name="echo_typed", id="typed")
     values: dict[str, tuple[str, list[Any]]] = {
         "b": ("bool_contents", [True, False]),
         "i8": ("int_contents", [-128, 127]),
@@ -372,54 +414,39 @@ def test_typed_contents(server: Server) -> None:
         "s": ("bytes_contents", [b"x", b"yz"]),
     }
     for name, (member, data) in values.items():
-        tensor = request.inputs.add(name=name, datatype=ECHO_TYPES[name], shape=[2])
+        tensor = request.inputs.add(name=name, datatype=TYPED_TYPES[name], shape=[2])
         getattr(tensor.contents, member).extend(data)
-    # FP16 has no typed member; it cannot join this request (see the error test below).
-    request.inputs.add(name="f16", datatype="FP16", shape=[2])
     channel, stub = _stub(server)
     with channel:
+        response = stub.ModelInfer(request, timeout=10)
+
+        # FP16 has no typed member: the protocol carries it only as raw contents.
+        fp16 = service_pb2.ModelInferRequest(model_name="echo", id="fp16")
+        fp16.inputs.add(name="f16", datatype="FP16", shape=[1])
         with pytest.raises(grpc.RpcError) as info:
-            stub.ModelInfer(request, timeout=10)
+            stub.ModelInfer(fp16, timeout=10)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "raw_input_contents" in (info.value.details() or "")
 
-        # Same request without FP16: decoded from the typed members, answered as raw contents.
-        del request.inputs[-1]
-        echo_without_f16 = _echo_without(server, "f16")
-        request.model_name = echo_without_f16
-        response = stub.ModelInfer(request, timeout=10)
+        # INT8 values travel as int32: one out of range is refused, not wrapped around.
+        wrapped = service_pb2.ModelInferRequest()
+        wrapped.CopyFrom(request)
+        wrapped.inputs[1].contents.int_contents[0] = 128
+        with pytest.raises(grpc.RpcError) as info:
+            stub.ModelInfer(wrapped, timeout=10)
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "out of range for INT8" in (info.value.details() or "")
+
     assert response.id == "typed"
-    by_name = dict(zip([o.name for o in response.outputs], response.raw_output_contents, strict=True))
+    names = [o.name for o in response.outputs]
+    by_name = dict(zip(names, response.raw_output_contents, strict=True))
     assert np.frombuffer(by_name["i8_out"], np.int8).tolist() == [-128, 127]
+    assert np.frombuffer(by_name["i64_out"], "<i8").tolist() == [-(2**63), 2**63 - 1]
     assert np.frombuffer(by_name["u64_out"], "<u8").tolist() == [0, 2**64 - 1]
     assert np.frombuffer(by_name["f32_out"], "<f4").tolist() == [1.5, -2.25]
+    assert np.frombuffer(by_name["f64_out"], "<f8").tolist() == [1e300, -0.5]
     assert np.frombuffer(by_name["b_out"], np.bool_).tolist() == [True, False]
     assert by_name["s_out"] == b"\x01\x00\x00\x00x\x02\x00\x00\x00yz"
-
-
-_ECHO_VARIANTS: dict[str, str] = {}
-
-
-def _echo_without(server: Server, dropped: str) -> str:
-    """Register (once) an echo variant lacking one input, load it over gRPC, return its name."""
-    name = f"echo_no_{dropped}"
-    if name in _ECHO_VARIANTS:
-        return name
-    repo_dir = server.log_path.parent / "models"
-    types = {n: dt for n, dt in ECHO_TYPES.items() if n != dropped}
-    register(
-        Repository(str(repo_dir)),
-        name,
-        str(server.log_path.parent / "echo"),
-        runtime="python",
-        inputs=[TensorSpec(n, dt, [-1]) for n, dt in types.items()],
-        outputs=[TensorSpec(f"{n}_out", dt, [-1]) for n, dt in types.items()],
-    )
-    with server.client() as c:
-        c.load_model(name)
-        assert c.is_model_ready(name)
-    _ECHO_VARIANTS[name] = name
-    return name
 
 
 def test_decode_inputs_in_process() -> None:
@@ -521,21 +548,24 @@ def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
     assert rows[("echo", "1")] == "READY"
 
 
-def test_unload_load_round_trip(client: grpcclient.InferenceServerClient) -> None:
+def test_unload_load_round_trip(server: Server, client: grpcclient.InferenceServerClient) -> None:
     x = np.ones((1, 4), dtype=np.float32)
     client.unload_model("double")
     try:
         assert not client.is_model_ready("double")
         rows = {m.name: m.state for m in client.get_model_repository_index().models}
         assert rows["double"] == "UNAVAILABLE"
-        ready_only = client.get_model_repository_index(as_json=True).get("models", [])
-        assert "double" in {m["name"] for m in ready_only}
+        channel, stub = _stub(server)
+        with channel:
+            ready_only = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))
+        assert "double" not in {m.name for m in ready_only.models}
+        assert "echo" in {m.name for m in ready_only.models}
         with pytest.raises(InferenceServerException) as info:
             client.infer("double", _double_inputs(x))
         assert _status(info.value) == "StatusCode.UNAVAILABLE"
         with pytest.raises(InferenceServerException) as info:
             client.unload_model("double")  # already unloaded
-        assert _status(info.value) == "StatusCode.UNAVAILABLE"
+        assert _status(info.value) == "StatusCode.NOT_FOUND"
     finally:
         client.load_model("double")
     assert client.is_model_ready("double")
@@ -597,7 +627,11 @@ def test_bad_raw_contents(server: Server) -> None:
         )
         unknown = service_pb2.ModelInferRequest(model_name="double", raw_input_contents=[b""])
         unknown.inputs.add(name="input", datatype="FP128", shape=[0])
-        for request, needle in ((short, "16 bytes"), (both, "raw_input_contents"), (unknown, "FP128")):
+        for request, needle in (
+            (short, "16 bytes"),
+            (both, "raw_input_contents"),
+            (unknown, "FP128"),
+        ):
             with pytest.raises(grpc.RpcError) as info:
                 stub.ModelInfer(request, timeout=10)
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -610,18 +644,61 @@ def test_too_large(client: grpcclient.InferenceServerClient) -> None:
     _expect("StatusCode.RESOURCE_EXHAUSTED", client.infer, "double", _double_inputs(x))
 
 
+def _slow_inputs(seconds: float) -> list[grpcclient.InferInput]:
+    inp = grpcclient.InferInput("x", [1], "FP32")
+    inp.set_data_from_numpy(np.array([seconds], dtype=np.float32))
+    return [inp]
+
+
 def test_deadline(client: grpcclient.InferenceServerClient) -> None:
+    # gRPC rounds deadlines up to the millisecond, so the model must outlast it to be caught.
+    for tiny in (1e-6, 0.05):
+        _expect(
+            "StatusCode.DEADLINE_EXCEEDED",
+            client.infer,
+            "slow",
+            _slow_inputs(0.3),
+            client_timeout=tiny,
+        )
+    # The server is unharmed: the next requests, with sane deadlines, succeed.
     x = np.ones((2, 4), dtype=np.float32)
-    _expect(
-        "StatusCode.DEADLINE_EXCEEDED",
-        client.infer,
-        "double",
-        _double_inputs(x),
-        client_timeout=1e-6,
-    )
-    # The server is unharmed: the next request, with a sane deadline, succeeds.
     result = client.infer("double", _double_inputs(x), client_timeout=10)
     np.testing.assert_allclose(result.as_numpy("output"), x * 2 + 1)
+    slow = client.infer("slow", _slow_inputs(0.0), client_timeout=10)
+    np.testing.assert_array_equal(slow.as_numpy("y"), [0.0])
+
+
+async def test_expired_deadline_skips_the_model() -> None:
+    """A request whose deadline already passed (e.g. while queued) never reaches the model."""
+    from types import SimpleNamespace
+
+    from inferplane.errors import DeadlineExceeded
+    from inferplane.observability.metrics import Metrics
+    from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
+    from inferplane.protocols.v2_grpc import InferenceServicer
+
+    calls: list[str] = []
+
+    class Predictor:
+        async def predict(self, target: str, *args: Any, **kwargs: Any) -> Any:
+            calls.append(target)
+            raise AssertionError("the model ran after the deadline")
+
+    class Context:
+        def time_remaining(self) -> float:
+            return 0.0
+
+        def invocation_metadata(self) -> tuple[()]:
+            return ()
+
+    deps: Any = SimpleNamespace(manager=SimpleNamespace(models={}), predictor=Predictor())
+    deps.metrics = Metrics()
+    servicer = InferenceServicer(deps)
+    request = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0\0\0\0"])
+    request.inputs.add(name="x", datatype="FP32", shape=[1])
+    with pytest.raises(DeadlineExceeded):
+        await servicer._infer(request, Context())
+    assert calls == []
 
 
 def test_metrics_count_grpc(server: Server, client: grpcclient.InferenceServerClient) -> None:

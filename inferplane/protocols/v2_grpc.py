@@ -1,0 +1,442 @@
+"""Open Inference Protocol (KServe V2) over gRPC, in Triton's dialect so that unmodified
+`tritonclient.grpc` and perf_analyzer work: streaming infer, model config, statistics and the
+model repository ride along with the V2 core, plus the standard `grpc.health.v1` service.
+
+Handlers stay thin and answer exactly like the REST front end (v2_rest.py): the same model views,
+the same errors (each InferplaneError carries its gRPC code) and the same metrics, labelled
+protocol="grpc".
+
+Our messages keep Triton's names (`inference.*`), which tritonclient also registers in protobuf's
+default descriptor pool; two registrations of one name fail with "duplicate symbol", whatever the
+.proto file is called. scripts/gen_grpc.sh therefore builds our stubs in a private pool, so that
+this module and tritonclient can share a process (tests, a remote predictor).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import math
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1.health import aio as health_aio
+
+from inferplane.errors import BadRequest, DeadlineExceeded, InferplaneError
+from inferplane.observability.metrics import UNKNOWN
+from inferplane.predictor import Prediction, RequestContext
+from inferplane.protocols import model_views
+from inferplane.protocols.deps import EXTENSIONS, ServingDeps
+from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
+from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferplane.tensors import BYTES, check_shape, datatype_of, dtype_of, from_raw, to_raw
+
+log = logging.getLogger("inferplane.grpc")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+# Requests of one ModelStreamInfer call that may run at once; past that we stop reading the
+# stream, and gRPC flow control slows the client down instead of our memory growing.
+STREAM_CONCURRENCY = 64
+READINESS_POLL_S = 0.2
+
+# V2 datatype -> the InferTensorContents member that carries it, and that member's numpy type.
+# FP16 and BF16 have no member: the protocol sends them only as raw contents.
+_CONTENTS: dict[str, tuple[str, np.dtype[Any] | None]] = {
+    "BOOL": ("bool_contents", np.dtype(np.bool_)),
+    "INT8": ("int_contents", np.dtype(np.int32)),
+    "INT16": ("int_contents", np.dtype(np.int32)),
+    "INT32": ("int_contents", np.dtype(np.int32)),
+    "INT64": ("int64_contents", np.dtype(np.int64)),
+    "UINT8": ("uint_contents", np.dtype(np.uint32)),
+    "UINT16": ("uint_contents", np.dtype(np.uint32)),
+    "UINT32": ("uint_contents", np.dtype(np.uint32)),
+    "UINT64": ("uint64_contents", np.dtype(np.uint64)),
+    "FP32": ("fp32_contents", np.dtype(np.float32)),
+    "FP64": ("fp64_contents", np.dtype(np.float64)),
+    BYTES: ("bytes_contents", None),
+}
+_INTERNAL = "internal server error (see the server log)"
+M = TypeVar("M", bound=Message)
+
+
+# --- tensors ------------------------------------------------------------------------------------
+
+
+def _from_contents(
+    name: str, datatype: str, shape: tuple[int, ...], contents: pb.InferTensorContents
+) -> np.ndarray:
+    dtype = dtype_of(datatype)  # rejects unknown datatypes with the list of known ones
+    if datatype not in _CONTENTS:
+        raise BadRequest(
+            f"input '{name}': {datatype} has no typed contents; send it in raw_input_contents"
+        )
+    member, wire_dtype = _CONTENTS[datatype]
+    values = getattr(contents, member)
+    count = math.prod(shape)
+    if len(values) != count:
+        raise BadRequest(
+            f"input '{name}': shape {list(shape)} needs {count} elements, contents.{member} has "
+            f"{len(values)} ({datatype} data goes in contents.{member})"
+        )
+    if wire_dtype is None:
+        arr = np.empty(count, dtype=object)
+        arr[:] = list(values)
+        return arr.reshape(shape)
+    wide = np.array(values, dtype=wire_dtype)
+    # INT8/16 and UINT8/16 travel widened to 32 bits; refuse values that would wrap around.
+    if dtype.kind in "iu" and dtype.itemsize < wire_dtype.itemsize and wide.size:
+        info = np.iinfo(dtype)
+        if wide.min() < info.min or wide.max() > info.max:
+            raise BadRequest(f"input '{name}': a value is out of range for {datatype}")
+    return wide.astype(dtype, copy=False).reshape(shape)
+
+
+def decode_inputs(request: pb.ModelInferRequest) -> dict[str, np.ndarray]:
+    """The request's input tensors from typed `contents` or `raw_input_contents` (not both)."""
+    if not request.inputs:
+        raise BadRequest("the request needs at least one input")
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise BadRequest(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "it needs one per input, in input order"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    for i, tensor in enumerate(request.inputs):
+        name = tensor.name
+        if not name:
+            raise BadRequest(f"inputs[{i}] needs a name")
+        if name in inputs:
+            raise BadRequest(f"input '{name}' appears twice")
+        if not tensor.datatype:
+            raise BadRequest(f"input '{name}' needs a datatype")
+        shape = check_shape(name, list(tensor.shape))
+        if raw:
+            if tensor.contents.ListFields():
+                raise BadRequest(
+                    f"input '{name}' has contents while the request uses raw_input_contents; "
+                    "send every input one way or the other"
+                )
+            inputs[name] = from_raw(name, tensor.datatype, shape, raw[i])
+        else:
+            inputs[name] = _from_contents(name, tensor.datatype, shape, tensor.contents)
+    return inputs
+
+
+def encode_response(request: pb.ModelInferRequest, prediction: Prediction) -> pb.ModelInferResponse:
+    """Outputs as raw contents (where tritonclient reads them), in the requested order."""
+    response = pb.ModelInferResponse(
+        model_name=prediction.model_name,
+        model_version=prediction.model_version,
+        # Echoed as sent, empty included: stream clients (perf_analyzer) match answers by it.
+        id=request.id,
+    )
+    names = [o.name for o in request.outputs] or list(prediction.outputs)
+    for name in names:
+        arr = prediction.outputs[name]
+        response.outputs.add(name=name, datatype=datatype_of(arr), shape=arr.shape)
+        response.raw_output_contents.append(to_raw(arr))
+    return response
+
+
+# --- handlers -----------------------------------------------------------------------------------
+
+Unary = Callable[[Any, Any, Any], Awaitable[Any]]
+
+
+def _status_code(exc: InferplaneError) -> grpc.StatusCode:
+    return getattr(grpc.StatusCode, exc.grpc_code, grpc.StatusCode.INTERNAL)
+
+
+def guarded(handler: Unary) -> Unary:
+    """Every failure becomes a gRPC status; only unexpected faults are INTERNAL (and logged).
+
+    Handlers raise and never call `context.abort` themselves: abort works by raising, and the
+    catch-all below would otherwise turn it into INTERNAL.
+    """
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        try:
+            return await handler(self, request, context)
+        except InferplaneError as exc:
+            code, message = _status_code(exc), exc.message
+        except Exception:
+            log.exception("internal error in %s", handler.__name__)
+            code, message = grpc.StatusCode.INTERNAL, _INTERNAL
+        await context.abort(code, message)
+        raise AssertionError("context.abort returns only by raising")
+
+    return wrapper
+
+
+def _metadata(context: Any) -> dict[str, str]:
+    # Binary metadata (keys ending in -bin) carries bytes; headers here are text only.
+    return {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    # The id rides along so that a client can tell which of its requests failed.
+    failed = pb.ModelInferResponse(
+        model_name=request.model_name, model_version=request.model_version, id=request.id
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, deps: ServingDeps) -> None:
+        self.deps = deps
+        self.manager = deps.manager
+        self.predictor = deps.predictor
+        self.metrics = deps.metrics
+
+    # health and metadata -----------------------------------------------------------------------
+    @guarded
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: Any
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @guarded
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: Any
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self.manager.ready)
+
+    @guarded
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: Any
+    ) -> pb.ModelReadyResponse:
+        ok = model_views.model_ready(self.predictor.router, request.name, request.version or None)
+        return pb.ModelReadyResponse(ready=ok)
+
+    @guarded
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: Any
+    ) -> pb.ServerMetadataResponse:
+        return pb.ServerMetadataResponse(
+            name=self.deps.server_name, version=self.deps.server_version, extensions=EXTENSIONS
+        )
+
+    @guarded
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: Any
+    ) -> pb.ModelMetadataResponse:
+        lv, _ = self.predictor.router.lookup(request.name, request.version or None)
+        doc = model_views.model_metadata(self.manager.entry(request.name), lv)
+        return _parse(doc, pb.ModelMetadataResponse())
+
+    @guarded
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, context: Any
+    ) -> pb.ModelConfigResponse:
+        lv, _ = self.predictor.router.lookup(request.name, request.version or None)
+        config = _parse(model_views.model_config(lv.config, lv.platform), pb.ModelConfig())
+        return pb.ModelConfigResponse(config=config)
+
+    # inference ---------------------------------------------------------------------------------
+    async def _infer(self, request: pb.ModelInferRequest, context: Any) -> pb.ModelInferResponse:
+        """One request, counted in the metrics like REST; errors propagate as InferplaneError."""
+        started = time.perf_counter()
+        name = request.model_name
+        label_model, label_version, status = UNKNOWN, "", 500
+        self.metrics.inflight.inc()
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("the request's deadline passed before the model ran")
+            inputs = decode_inputs(request)
+            headers = _metadata(context)
+            prediction = await self.predictor.predict(
+                name,
+                inputs,
+                version=request.model_version or None,
+                outputs=[o.name for o in request.outputs] or None,
+                context=RequestContext(
+                    request_id=request.id or str(uuid.uuid4()),
+                    deadline=None if remaining is None else time.monotonic() + remaining,
+                    headers=headers,
+                    traceparent=headers.get("traceparent"),
+                ),
+            )
+            label_model, label_version = prediction.model_name, prediction.model_version
+            response = encode_response(request, prediction)
+            status = 200
+            return response
+        except InferplaneError as exc:
+            # Same status vocabulary as REST (HTTP codes), so one alert covers both protocols.
+            status = exc.status
+            if name in self.manager.models:
+                label_model = name
+            raise
+        finally:
+            self.metrics.inflight.dec()
+            self.metrics.requests.labels(label_model, label_version, "grpc", str(status)).inc()
+            if status == 200:
+                self.metrics.request_latency.labels(label_model, label_version, "grpc").observe(
+                    time.perf_counter() - started
+                )
+
+    @guarded
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: Any
+    ) -> pb.ModelInferResponse:
+        return await self._infer(request, context)
+
+    async def ModelStreamInfer(
+        self, request_iterator: AsyncIterator[pb.ModelInferRequest], context: Any
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Requests of one stream run concurrently and are answered as they finish, each answer
+        carrying its request's id; a failed request is an error_message, the stream goes on."""
+        answers: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue()
+        slots = asyncio.Semaphore(STREAM_CONCURRENCY)
+        running: set[asyncio.Task[None]] = set()
+
+        async def run_one(request: pb.ModelInferRequest) -> None:
+            try:
+                answer = pb.ModelStreamInferResponse(
+                    infer_response=await self._infer(request, context)
+                )
+            except InferplaneError as exc:
+                answer = _stream_error(request, exc.message)
+            except Exception:
+                log.exception("internal error in ModelStreamInfer")
+                answer = _stream_error(request, _INTERNAL)
+            finally:
+                slots.release()
+            answers.put_nowait(answer)
+
+        async def read_all() -> None:
+            try:
+                async for request in request_iterator:
+                    await slots.acquire()
+                    task = asyncio.create_task(run_one(request))
+                    running.add(task)
+                    task.add_done_callback(running.discard)
+                if running:
+                    await asyncio.gather(*running)
+            finally:
+                answers.put_nowait(None)
+
+        reader = asyncio.create_task(read_all())
+        try:
+            while (answer := await answers.get()) is not None:
+                yield answer
+            await reader  # surfaces a failure to read the stream as the call's status
+        finally:
+            reader.cancel()
+            for task in list(running):
+                task.cancel()
+
+    # extensions --------------------------------------------------------------------------------
+    @guarded
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, context: Any
+    ) -> pb.ModelStatisticsResponse:
+        rows = model_views.statistics(self.manager, request.name or None, request.version or None)
+        return _parse({"model_stats": rows}, pb.ModelStatisticsResponse())
+
+    @guarded
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, context: Any
+    ) -> pb.RepositoryIndexResponse:
+        rows = await model_views.list_repository(self.manager, request.ready)
+        return _parse({"models": rows}, pb.RepositoryIndexResponse())
+
+    @guarded
+    async def RepositoryModelLoad(
+        self, request: pb.RepositoryModelLoadRequest, context: Any
+    ) -> pb.RepositoryModelLoadResponse:
+        # Like REST, load parameters (Triton's config override, files) are not supported and
+        # are ignored: a model is always (re)loaded from its model.yaml.
+        await model_views.load_model(self.manager, _model_name(request.model_name))
+        return pb.RepositoryModelLoadResponse()
+
+    @guarded
+    async def RepositoryModelUnload(
+        self, request: pb.RepositoryModelUnloadRequest, context: Any
+    ) -> pb.RepositoryModelUnloadResponse:
+        await self.manager.unload_model(_model_name(request.model_name))
+        return pb.RepositoryModelUnloadResponse()
+
+
+def _model_name(name: str) -> str:
+    if not name:
+        raise BadRequest("model_name is required")
+    return name
+
+
+def _parse(doc: Any, message: M) -> M:
+    """A model_views dict into its proto: both use Triton's field names. Keys the proto lacks
+    (e.g. the metadata `parameters` Triton's gRPC message has no field for) are dropped."""
+    return json_format.ParseDict(doc, message, ignore_unknown_fields=True)
+
+
+# --- server -------------------------------------------------------------------------------------
+
+
+async def _mirror_readiness(
+    server: Any, deps: ServingDeps, health: health_aio.HealthServicer
+) -> None:
+    """Keep the health service in step with /v2/health/ready until the server stops, so that a
+    Kubernetes gRPC probe and the HTTP one agree (SERVING once the initial load is done)."""
+    stopped = asyncio.ensure_future(server.wait_for_termination())
+    serving: bool | None = None
+    try:
+        while not stopped.done():
+            ready = deps.manager.ready
+            if ready != serving:
+                status = (
+                    health_pb2.HealthCheckResponse.SERVING
+                    if ready
+                    else health_pb2.HealthCheckResponse.NOT_SERVING
+                )
+                for service in ("", SERVICE_NAME):
+                    await health.set(service, status)
+                serving = ready
+            await asyncio.wait({stopped}, timeout=READINESS_POLL_S)
+    finally:
+        stopped.cancel()
+
+
+_background: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+
+
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
+
+
+async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> Any:
+    """Build, bind and start the gRPC server (returns the `grpc.aio.Server`)."""
+    limit = deps.max_payload_bytes
+    # Beyond these sizes grpc answers RESOURCE_EXHAUSTED itself, naming both sizes.
+    options = [
+        ("grpc.max_send_message_length", limit),
+        ("grpc.max_receive_message_length", limit),
+    ]
+    server = grpc.aio.server(options=options)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(deps), server)
+    health = health_aio.HealthServicer()
+    for service in ("", SERVICE_NAME):
+        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    address = _address(host, port)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as exc:  # grpc raises when the address is taken or invalid
+        raise OSError(f"cannot bind the gRPC port {address}: {exc}") from exc
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC port {address}")
+    await server.start()
+    task = asyncio.create_task(_mirror_readiness(server, deps, health))
+    _background.add(task)
+    task.add_done_callback(_background.discard)
+    return server

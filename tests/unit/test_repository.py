@@ -1,0 +1,495 @@
+"""The versioned model repository on local disk and on S3 (a real moto_server)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import posixpath
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from inferplane.errors import IntegrityError, NotFound, RepositoryError
+from inferplane.repository import Batching, ModelConfig, Repository, TensorDecl, verify
+from inferplane.repository.register import parse_tensor_arg, register
+from inferplane.tensors import TensorSpec
+
+MakeModel = Callable[..., str]
+
+
+@pytest.fixture(params=["local", pytest.param("s3", marks=pytest.mark.s3)])
+def repo(request: pytest.FixtureRequest, tmp_path: Path) -> Repository:
+    """An empty repository: a local folder, or s3://<fresh bucket>/models on moto_server."""
+    if request.param == "local":
+        return Repository(str(tmp_path / "repo"))
+    moto_s3 = request.getfixturevalue("moto_s3")
+    bucket = moto_s3.new_bucket("repo")
+    return Repository(f"s3://{bucket}/models", cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def onnx4(tmp_path: Path, make_onnx_model: MakeModel) -> str:
+    return make_onnx_model(tmp_path / "src4" / "model.onnx", n_features=4)
+
+
+@pytest.fixture
+def onnx8(tmp_path: Path, make_onnx_model: MakeModel) -> str:
+    return make_onnx_model(tmp_path / "src8" / "model.onnx", n_features=8)
+
+
+def sha256_of(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def stored(repo: Repository, model: str, version: int, rel: str) -> str:
+    return posixpath.join(repo.version_path(model, version), rel)
+
+
+def put(repo: Repository, path: str, data: bytes) -> None:
+    """Write raw bytes into the store, behind the repository's back."""
+    repo.fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    repo.fs.pipe_file(path, data)
+
+
+def fresh(repo: Repository, tmp_path: Path, name: str) -> Repository:
+    """The same repository opened anew, with an empty download cache."""
+    return Repository(repo.url, cache_dir=str(tmp_path / name))
+
+
+# --- registration ---------------------------------------------------------------------------
+
+
+def test_register_assigns_versions_checksums_and_signature(
+    repo: Repository, onnx4: str, onnx8: str
+) -> None:
+    first = register(repo, "fraud", onnx4)
+    assert first.version == 1
+    assert first.runtime == "onnx"
+    assert first.artifact == "model.onnx"
+    assert first.sha256 == {"model.onnx": sha256_of(onnx4)}
+    assert first.inputs == [TensorDecl(name="input", datatype="FP32", shape=[-1, 4])]
+    assert first.outputs == [TensorDecl(name="output", datatype="FP32", shape=[-1, 1])]
+    assert "created_at" in first.metadata
+
+    second = register(repo, "fraud", onnx8)
+    assert second.version == 2
+    assert second.sha256 == {"model.onnx": sha256_of(onnx8)}
+    assert second.sha256 != first.sha256
+    assert second.inputs == [TensorDecl(name="input", datatype="FP32", shape=[-1, 8])]
+
+    # what is stored is byte for byte what was registered
+    assert repo.fs.cat_file(stored(repo, "fraud", 1, "model.onnx")) == Path(onnx4).read_bytes()
+    assert repo.fs.cat_file(stored(repo, "fraud", 2, "model.onnx")) == Path(onnx8).read_bytes()
+
+    assert repo.list_versions("fraud") == [1, 2]
+    assert repo.list_versions("nope") == []
+    register(repo, "churn", onnx4)
+    assert repo.list_models() == ["churn", "fraud"]
+    # a second handle on the same URL sees the same state
+    again = Repository(repo.url)
+    assert again.list_models() == ["churn", "fraud"]
+    assert again.read_config("fraud", 2) == second
+
+
+def test_read_config_round_trips_every_field(repo: Repository, onnx4: str) -> None:
+    written = register(
+        repo,
+        "fraud",
+        onnx4,
+        batching=Batching(max_batch_size=16, max_queue_delay_us=500),
+        instances=2,
+        options={"intra_op_threads": 2},
+        metadata={"auc": 0.91, "training_data": "s3://lake/fraud"},
+    )
+    read = repo.read_config("fraud", 1)
+    assert read == written
+    assert read.max_batch_size == 16
+    assert read.batching is not None and read.batching.max_queue_delay_us == 500
+    assert read.instances == 2
+    assert read.options == {"intra_op_threads": 2}
+    assert read.metadata["auc"] == 0.91
+    assert read.metadata["training_data"] == "s3://lake/fraud"
+    assert list(repo.iter_configs()) == [written]
+
+
+def test_unbatched_model_has_max_batch_size_zero(repo: Repository, onnx4: str) -> None:
+    config = register(repo, "fraud", onnx4)
+    assert config.batching is None
+    assert repo.read_config("fraud", 1).max_batch_size == 0
+
+
+def test_explicit_signature_overrides_inference(repo: Repository, onnx4: str) -> None:
+    config = register(
+        repo, "fraud", onnx4, outputs=[TensorSpec("output", "FP32", [-1, 1])], version=7
+    )
+    assert config.version == 7
+    assert config.inputs[0].shape == [-1, 4]  # still inferred
+    assert repo.list_versions("fraud") == [7]
+    assert register(repo, "fraud", onnx4).version == 8
+
+
+def test_versions_are_immutable(repo: Repository, onnx4: str, onnx8: str) -> None:
+    first = register(repo, "fraud", onnx4)
+    with pytest.raises(RepositoryError, match="version 1 already exists; versions are immutable"):
+        repo.add_version(first, {"model.onnx": onnx8})
+    with pytest.raises(RepositoryError, match="already exists"):
+        register(repo, "fraud", onnx8, version=1)
+    # nothing was overwritten
+    assert repo.fs.cat_file(stored(repo, "fraud", 1, "model.onnx")) == Path(onnx4).read_bytes()
+    assert repo.read_config("fraud", 1) == first
+
+
+def test_folder_without_model_yaml_is_not_a_version(
+    repo: Repository, onnx4: str, tmp_path: Path
+) -> None:
+    register(repo, "fraud", onnx4)
+    register(repo, "fraud", onnx4)
+    # a registration that crashed after copying the artifact, before writing model.yaml
+    put(repo, stored(repo, "fraud", 3, "model.onnx"), b"half-written")
+    put(repo, stored(repo, "ghost", 1, "model.onnx"), b"half-written")
+    # and things that are not versions at all
+    put(repo, stored(repo, "fraud", 0, "model.yaml"), b"name: fraud")
+    put(repo, posixpath.join(repo.root, "fraud", "notes", "x"), b"x")
+
+    repo = fresh(repo, tmp_path, "c1")
+    assert repo.list_versions("fraud") == [1, 2]
+    assert repo.list_versions("ghost") == []
+    assert repo.list_models() == ["fraud"]
+    assert repo.resolve_version("fraud", None) == 2
+    with pytest.raises(NotFound, match="model 'fraud' has no version 3"):
+        repo.read_config("fraud", 3)
+    with pytest.raises(NotFound, match="unknown model 'ghost'"):
+        repo.resolve_version("ghost", None)
+
+    # the next registration takes the number of the crashed one and is complete
+    third = register(repo, "fraud", onnx4)
+    assert third.version == 3
+    verify(third, repo.fetch(third))
+
+
+def test_list_models_of_missing_repository_is_an_error(tmp_path: Path) -> None:
+    repo = Repository(str(tmp_path / "nowhere"))
+    assert not repo.exists()
+    with pytest.raises(RepositoryError, match="does not exist"):
+        repo.list_models()
+
+
+# --- aliases --------------------------------------------------------------------------------
+
+
+def test_aliases_set_resolve_remove(repo: Repository, onnx4: str, tmp_path: Path) -> None:
+    for _ in range(3):
+        register(repo, "fraud", onnx4)
+    assert repo.aliases("fraud") == {}
+    assert repo.resolve_version("fraud", None) == 3  # no production alias: the latest
+
+    repo.set_alias("fraud", "production", 1)
+    repo.set_alias("fraud", "staging", 2)
+    assert repo.aliases("fraud") == {"production": 1, "staging": 2}
+    assert fresh(repo, tmp_path, "c1").aliases("fraud") == {"production": 1, "staging": 2}
+    assert repo.resolve_version("fraud", None) == 1  # production wins over latest
+    assert repo.resolve_version("fraud", "production") == 1
+    assert repo.resolve_version("fraud", "staging") == 2
+    assert repo.resolve_version("fraud", 3) == 3
+    assert repo.resolve_version("fraud", "3") == 3
+
+    repo.set_alias("fraud", "production", 3)  # move an alias
+    assert repo.resolve_version("fraud", None) == 3
+    repo.set_alias("fraud", "production", 2)
+
+    repo.remove_alias("fraud", "production")
+    assert repo.aliases("fraud") == {"staging": 2}
+    assert repo.resolve_version("fraud", None) == 3
+    with pytest.raises(NotFound, match="has no version or alias 'production'"):
+        repo.resolve_version("fraud", "production")
+    with pytest.raises(NotFound, match="has no alias 'production'"):
+        repo.remove_alias("fraud", "production")
+
+
+def test_alias_errors(repo: Repository, onnx4: str) -> None:
+    register(repo, "fraud", onnx4)
+    with pytest.raises(NotFound, match="model 'fraud' has no version 9"):
+        repo.set_alias("fraud", "production", 9)
+    with pytest.raises(NotFound, match="has no version"):
+        repo.set_alias("nope", "production", 1)
+    for bad in ("1abc", "123", "has space", "-x", ""):
+        with pytest.raises(RepositoryError, match=f"alias '{bad}'"):
+            repo.set_alias("fraud", bad, 1)
+    with pytest.raises(NotFound, match="model 'fraud' has no version 9"):
+        repo.resolve_version("fraud", 9)
+    with pytest.raises(NotFound, match="unknown model 'nope'"):
+        repo.resolve_version("nope", None)
+    assert repo.aliases("fraud") == {}
+
+
+def test_malformed_aliases_file_is_a_repository_error(repo: Repository, onnx4: str) -> None:
+    register(repo, "fraud", onnx4)
+    put(repo, posixpath.join(repo.root, "fraud", "aliases.yaml"), b"- 1\n- 2\n")
+    with pytest.raises(RepositoryError, match=r"aliases\.yaml: expected a mapping"):
+        repo.aliases("fraud")
+
+
+# --- fetch and verify -----------------------------------------------------------------------
+
+
+def test_fetch_and_verify_good_version(repo: Repository, onnx4: str) -> None:
+    config = register(repo, "fraud", onnx4)
+    local = repo.fetch(config)
+    assert os.path.isdir(local)
+    assert Path(local, "model.onnx").read_bytes() == Path(onnx4).read_bytes()
+    verify(config, local)
+    verify(config, repo.fetch(config))  # a second fetch (cache hit when remote) also passes
+
+
+@pytest.mark.parametrize("same_size", [True, False], ids=["same-size", "other-size"])
+def test_verify_rejects_tampered_artifact(
+    repo: Repository, onnx4: str, tmp_path: Path, same_size: bool
+) -> None:
+    config = register(repo, "fraud", onnx4)
+    good = Path(onnx4).read_bytes()
+    bad = bytes(b ^ 0xFF for b in good) if same_size else good + b"\0"
+    put(repo, stored(repo, "fraud", 1, "model.onnx"), bad)
+
+    repo = fresh(repo, tmp_path, "c1")
+    with pytest.raises(IntegrityError) as info:
+        verify(config, repo.fetch(config))
+    message = str(info.value)
+    assert "fraud v1" in message
+    assert "sha256 of 'model.onnx'" in message
+    assert config.sha256["model.onnx"][:12] in message
+    assert "tampered" in message
+
+
+def test_verify_rejects_tampered_artifact_after_earlier_fetch(repo: Repository, onnx4: str) -> None:
+    config = register(repo, "fraud", onnx4)
+    verify(config, repo.fetch(config))  # cache warm (remote)
+    put(repo, stored(repo, "fraud", 1, "model.onnx"), Path(onnx4).read_bytes() + b"x")
+    with pytest.raises(IntegrityError, match=r"sha256 of 'model\.onnx'"):
+        verify(config, repo.fetch(config))
+
+
+def test_missing_artifact_file_is_an_integrity_error(
+    repo: Repository, onnx4: str, tmp_path: Path
+) -> None:
+    config = register(repo, "fraud", onnx4)
+    repo.fs.rm_file(stored(repo, "fraud", 1, "model.onnx"))
+    repo = fresh(repo, tmp_path, "c1")
+    with pytest.raises(IntegrityError, match=r"fraud v1: artifact file 'model\.onnx' is missing"):
+        verify(config, repo.fetch(config))
+
+
+def test_verify_requires_a_checksum_for_the_artifact(repo: Repository, onnx4: str) -> None:
+    config = register(repo, "fraud", onnx4)
+    unsummed = config.model_copy(update={"sha256": {}})
+    with pytest.raises(IntegrityError, match=r"records no sha256 for artifact 'model\.onnx'"):
+        verify(unsummed, repo.fetch(config))
+
+
+@pytest.mark.s3
+def test_fetch_repairs_a_corrupted_cache_copy(moto_s3: object, onnx4: str, tmp_path: Path) -> None:
+    bucket = moto_s3.new_bucket("cache")  # type: ignore[attr-defined]
+    repo = Repository(f"s3://{bucket}/models", cache_dir=str(tmp_path / "cache"))
+    config = register(repo, "fraud", onnx4)
+    local = repo.fetch(config)
+    cached = Path(local, "model.onnx")
+    cached.write_bytes(bytes(b ^ 0xFF for b in cached.read_bytes()))  # same size, bad bytes
+    verify(config, repo.fetch(config))  # the store is intact: fetch should heal the cache
+
+
+# --- malformed model.yaml -------------------------------------------------------------------
+
+
+MALFORMED = {
+    "bad-yaml": (lambda d: "name: [unclosed\n", "not valid YAML"),
+    "not-a-mapping": (lambda d: "- just\n- a list\n", "expected a mapping at the top level"),
+    "unknown-runtime": (lambda d: {**d, "runtime": "tensorflow"}, r"runtime: Input should be"),
+    "bad-datatype": (
+        lambda d: {**d, "inputs": [{**d["inputs"][0], "datatype": "FP99"}]},
+        r"inputs\.0\.datatype: .*unknown datatype 'FP99'",
+    ),
+    "bad-dimension": (
+        lambda d: {**d, "inputs": [{**d["inputs"][0], "shape": [0, 4]}]},
+        r"inputs\.0\.shape: .*dimensions are positive integers or -1",
+    ),
+    "missing-artifact": (
+        lambda d: {k: v for k, v in d.items() if k != "artifact"},
+        "artifact: Field required",
+    ),
+    "missing-inputs": (
+        lambda d: {k: v for k, v in d.items() if k != "inputs"},
+        "inputs: Field required",
+    ),
+    "unknown-field": (lambda d: {**d, "colour": "blue"}, "colour: Extra inputs are not permitted"),
+    "bad-device": (lambda d: {**d, "device": "gpu"}, "device: .*cpu, cuda or cuda:N"),
+    "wrong-version": (lambda d: {**d, "version": 5}, "says fraud version 5"),
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_model_yaml_names_the_problem(repo: Repository, onnx4: str, case: str) -> None:
+    register(repo, "fraud", onnx4)
+    path = stored(repo, "fraud", 1, "model.yaml")
+    data = yaml.safe_load(repo.fs.cat_file(path))
+    change, expected = MALFORMED[case]
+    changed = change(data)
+    text = changed if isinstance(changed, str) else yaml.safe_dump(changed)
+    put(repo, path, text.encode())
+    with pytest.raises(RepositoryError, match=expected) as info:
+        Repository(repo.url).read_config("fraud", 1)
+    assert str(info.value).startswith("fraud/1/model.yaml")
+
+
+# --- parse_tensor_arg -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("input:FP32:-1,32", TensorSpec("input", "FP32", [-1, 32])),
+        ("x:INT64:3", TensorSpec("x", "INT64", [3])),
+        ("text:BYTES:", TensorSpec("text", "BYTES", [])),
+        (" probs:FP64:-1,2 ", TensorSpec("probs", "FP64", [-1, 2])),
+        ("ns/in.0:UINT8:-1,3,224,224", TensorSpec("ns/in.0", "UINT8", [-1, 3, 224, 224])),
+    ],
+)
+def test_parse_tensor_arg_good(text: str, expected: TensorSpec) -> None:
+    assert parse_tensor_arg(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["input", "input:FP32", "input:fp32:1", "input:FP32:1,,2", "input:FP32:a", ":FP32:1"]
+)
+def test_parse_tensor_arg_bad_format(text: str) -> None:
+    with pytest.raises(RepositoryError, match=r"expected name:DATATYPE:shape"):
+        parse_tensor_arg(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        pytest.param("input:FP99:-1", "unknown datatype 'FP99'"),
+        pytest.param("input:FP32:0,4", "positive integers or -1"),
+        pytest.param("input:FP32:-2", "positive integers or -1"),
+    ],
+)
+def test_parse_tensor_arg_bad_values(text: str, expected: str) -> None:
+    with pytest.raises(RepositoryError, match=expected) as info:
+        parse_tensor_arg(text)
+    assert text in str(info.value)
+
+
+# --- registration errors --------------------------------------------------------------------
+
+
+def test_register_unknown_file_type_asks_for_runtime(repo: Repository, tmp_path: Path) -> None:
+    artifact = tmp_path / "model.bin"
+    artifact.write_bytes(b"\x00\x01 not a model")
+    with pytest.raises(RepositoryError, match=r"cannot tell the runtime of .*pass --runtime"):
+        register(repo, "blob", str(artifact))
+    with pytest.raises(RepositoryError, match="unknown runtime 'tensorflow'"):
+        register(repo, "blob", str(artifact), runtime="tensorflow")
+    assert repo.list_versions("blob") == []
+
+
+def test_register_missing_artifact(repo: Repository, tmp_path: Path) -> None:
+    with pytest.raises(RepositoryError, match="does not exist"):
+        register(repo, "fraud", str(tmp_path / "absent.onnx"))
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(RepositoryError, match="is empty"):
+        register(repo, "fraud", str(empty), runtime="python")
+
+
+PY_MODEL = """\
+import numpy as np
+
+class Model:
+    def predict(self, inputs):
+        return {"y": np.asarray(inputs["x"]) * 2}
+"""
+
+
+def test_register_without_inferable_signature_needs_input_and_output(
+    repo: Repository, tmp_path: Path
+) -> None:
+    artifact = tmp_path / "double.py"
+    artifact.write_text(PY_MODEL)
+    with pytest.raises(RepositoryError, match=r"pass --input and --output name:DATATYPE:shape"):
+        register(repo, "double", str(artifact))
+    with pytest.raises(RepositoryError, match=r"pass --output name:DATATYPE:shape") as info:
+        register(repo, "double", str(artifact), inputs=[parse_tensor_arg("x:FP32:-1")])
+    assert "--input" not in str(info.value).split("(")[0]
+    assert repo.list_versions("double") == []
+
+    config = register(
+        repo,
+        "double",
+        str(artifact),
+        inputs=[parse_tensor_arg("x:FP32:-1")],
+        outputs=[parse_tensor_arg("y:FP32:-1")],
+    )
+    assert config.runtime == "python"
+    assert config.inputs == [TensorDecl(name="x", datatype="FP32", shape=[-1])]
+    assert config.sha256 == {"double.py": sha256_of(str(artifact))}
+
+
+def test_register_folder_artifact_records_every_file(repo: Repository, tmp_path: Path) -> None:
+    folder = tmp_path / "pymodel"
+    (folder / "assets").mkdir(parents=True)
+    (folder / "model.py").write_text(PY_MODEL)
+    (folder / "assets" / "vocab.txt").write_text("a\nb\n")
+    config = register(
+        repo,
+        "double",
+        str(folder),
+        inputs=[parse_tensor_arg("x:FP32:-1")],
+        outputs=[parse_tensor_arg("y:FP32:-1")],
+    )
+    assert config.artifact == "pymodel"
+    assert config.sha256 == {
+        "pymodel/assets/vocab.txt": sha256_of(str(folder / "assets" / "vocab.txt")),
+        "pymodel/model.py": sha256_of(str(folder / "model.py")),
+    }
+    verify(config, repo.fetch(config))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"name": "bad name!"}, "name"),
+        ({"device": "gpu"}, "device"),
+        ({"instances": 0}, "instances"),
+    ],
+    ids=["name", "device", "instances"],
+)
+def test_register_invalid_settings_are_repository_errors(
+    tmp_path: Path, onnx4: str, kwargs: dict, expected: str
+) -> None:
+    repo = Repository(str(tmp_path / "repo"))
+    settings = dict(kwargs)
+    name = settings.pop("name", "fraud")
+    with pytest.raises(RepositoryError, match=expected):
+        register(repo, name, onnx4, **settings)
+
+
+def test_model_config_yaml_is_valid_for_the_architecture_example() -> None:
+    text = """
+name: fraud
+version: 3
+runtime: onnx
+artifact: model.onnx
+sha256: {model.onnx: 9f2c}
+inputs:  [{name: input, datatype: FP32, shape: [-1, 32]}]
+outputs: [{name: probabilities, datatype: FP32, shape: [-1, 2]},
+          {name: label, datatype: INT64, shape: [-1]}]
+batching: {max_batch_size: 32, max_queue_delay_us: 1000}
+instances: 1
+device: cpu
+metadata: {training_data: s3://lake/fraud/2026-11-01, auc: 0.91}
+"""
+    config = ModelConfig.from_yaml(text, "example")
+    assert config.max_batch_size == 32
+    assert [o.name for o in config.outputs] == ["probabilities", "label"]
+    assert ModelConfig.from_yaml(config.to_yaml(), "again") == config
