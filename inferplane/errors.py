@@ -36,6 +36,12 @@ class Unavailable(InferplaneError):
     grpc_code = "UNAVAILABLE"
 
 
+class Overloaded(Unavailable):
+    """The model's queue is full: answered at once instead of growing a backlog."""
+
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class DeadlineExceeded(InferplaneError):
     status = 504
     grpc_code = "DEADLINE_EXCEEDED"

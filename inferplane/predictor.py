@@ -27,6 +27,7 @@ class RequestContext:
     deadline: float | None = None  # time.monotonic() after which the work is useless
     headers: Mapping[str, str] = field(default_factory=dict)
     traceparent: str | None = None
+    priority: int = 0  # 0 = default; 1 is the highest of the model's priority levels
 
 
 @dataclass(slots=True)
@@ -68,7 +69,9 @@ class InProcessPredictor:
         started = time.perf_counter_ns()
         ok = False
         try:
-            result = await self.manager.infer(lv, dict(inputs), outputs, context.deadline)
+            result = await self.manager.infer(
+                lv, dict(inputs), outputs, context.deadline, context.priority
+            )
             ok = True
         except InferplaneError:
             raise

@@ -17,6 +17,7 @@ from inferplane.observability.metrics import Metrics
 from inferplane.predictor import InProcessPredictor
 from inferplane.protocols import v1_rest, v2_rest
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
+from inferplane.protocols.v2_infer_asgi import InferEndpoint
 from inferplane.repository.store import Repository
 
 log = logging.getLogger("inferplane.server")
@@ -42,6 +43,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         settings.models or None,
         strict_readiness=settings.strict_readiness,
     )
+    metrics.inflight.set_function(lambda: manager.inflight)
     return ServingDeps(
         manager=manager,
         predictor=InProcessPredictor(manager),
@@ -50,7 +52,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
     )
 
 
-def build_app(deps: ServingDeps) -> Starlette:
+def build_app(deps: ServingDeps) -> InferEndpoint:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: /v2/health/live answers at once, /ready once models are warm.
@@ -60,7 +62,7 @@ def build_app(deps: ServingDeps) -> Starlette:
         await deps.manager.close()
 
     routes = v2_rest.build_routes(deps) + v1_rest.build_routes(deps)
-    return Starlette(routes=routes, lifespan=lifespan)
+    return InferEndpoint(deps, Starlette(routes=routes, lifespan=lifespan))
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -11,23 +11,22 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
 import numpy as np
 
-from inferplane.engine.stats import VersionStats
+from inferplane.engine.scheduler import Scheduler
+from inferplane.engine.stats import ExecutionTiming, VersionStats
 from inferplane.engine.warmup import warmup_inputs
 from inferplane.errors import (
-    DeadlineExceeded,
     InferplaneError,
     InternalError,
     NotFound,
     Unavailable,
 )
-from inferplane.observability.metrics import Metrics
+from inferplane.observability.metrics import Metrics, VersionMetrics
 from inferplane.repository.schema import ModelConfig
 from inferplane.repository.store import Repository, verify
 from inferplane.runtimes import Runtime, get_runtime
@@ -48,9 +47,10 @@ class LoadedVersion:
     state: State = State.LOADING
     reason: str = ""
     runtime: Runtime | None = None
-    executor: ThreadPoolExecutor | None = None
+    scheduler: Scheduler | None = None
     stats: VersionStats = field(default_factory=VersionStats)
     platform: str = ""
+    observe: VersionMetrics | None = None
 
     @property
     def name(self) -> str:
@@ -84,6 +84,9 @@ class ModelManager:
         self.metrics = metrics
         self.selected = list(models) if models else None
         self.strict_readiness = strict_readiness
+        # Inference requests inside the protocol handlers right now (the batcher's hint that
+        # more work may still arrive); only the event loop thread changes it.
+        self.inflight = 0
         self.models: dict[str, ModelEntry] = {}
         self.started = False  # the initial load has finished (successfully or not)
         self._lock = asyncio.Lock()
@@ -153,8 +156,9 @@ class ModelManager:
             lv.state, lv.reason = State.UNAVAILABLE, f"load failed: {type(exc).__name__}: {exc}"
         else:
             lv.runtime, lv.platform = runtime, runtime.model_platform
-            lv.executor = ThreadPoolExecutor(
-                max_workers=lv.config.instances, thread_name_prefix=f"{lv.name}-{lv.version}"
+            lv.observe = VersionMetrics(self.metrics, lv.name, lv.version)
+            lv.scheduler = Scheduler(
+                runtime, lv.config, self._recorder(lv), arrivals_hint=lambda: self.inflight
             )
             lv.state = State.READY
         if lv.state is State.READY:
@@ -187,15 +191,13 @@ class ModelManager:
                 self._retire(lv)
 
     def _retire(self, lv: LoadedVersion) -> None:
-        """Stop new work; in-flight and queued calls finish before the runtime is dropped."""
+        """Stop new work; queued and running requests finish, then the runtime is unloaded."""
         if lv.state is State.UNLOADED:
             return
         lv.state = State.UNLOADED
         self.metrics.model_ready.labels(lv.name, lv.version).set(0)
-        executor, runtime = lv.executor, lv.runtime
-        if executor is not None and runtime is not None:
-            executor.submit(runtime.unload)
-            executor.shutdown(wait=False)
+        if lv.scheduler is not None:
+            lv.scheduler.close()
 
     async def close(self) -> None:
         for entry in self.models.values():
@@ -230,52 +232,26 @@ class ModelManager:
         return True
 
     # running -----------------------------------------------------------------------------
+    def _recorder(self, lv: LoadedVersion) -> Callable[[ExecutionTiming], None]:
+        stats = lv.stats
+
+        def record(timing: ExecutionTiming) -> None:  # called from the instance threads
+            stats.record_execution(timing)
+            if lv.observe is not None:
+                lv.observe.execution(timing)
+
+        return record
+
     async def infer(
         self,
         lv: LoadedVersion,
         inputs: dict[str, np.ndarray],
         outputs: Sequence[str] | None,
         deadline: float | None = None,
+        priority: int = 0,
     ) -> dict[str, np.ndarray]:
-        """Run one request; `deadline` (time.monotonic()) drops work that waited too long."""
-        if lv.state is not State.READY or lv.executor is None or lv.runtime is None:
+        """Queue one request on the version's scheduler; `deadline` is a time.monotonic()."""
+        scheduler = lv.scheduler
+        if lv.state is not State.READY or scheduler is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
-        runtime = lv.runtime
-        submitted = time.perf_counter_ns()
-        timing: list[int] = []
-
-        def run() -> dict[str, np.ndarray]:
-            if deadline is not None and time.monotonic() >= deadline:
-                raise DeadlineExceeded(
-                    f"model '{lv.name}' version {lv.version}: the request's deadline passed "
-                    "while it waited; it was dropped before the model ran"
-                )
-            started = time.perf_counter_ns()
-            result = runtime.predict(inputs, outputs)
-            done = time.perf_counter_ns()
-            # Inputs reach the runtime zero-copy and outputs leave as they are: compute_input and
-            # compute_output are counted (perf_analyzer wants equal counts) at their cost, ~0.
-            timing.extend((started - submitted, 0, done - started, time.perf_counter_ns() - done))
-            return result
-
-        loop = asyncio.get_running_loop()
-        try:
-            result = await loop.run_in_executor(lv.executor, run)
-        except RuntimeError as exc:
-            if "shutdown" in str(exc):  # the version was retired between lookup and submit
-                raise Unavailable(f"model '{lv.name}' version {lv.version} was unloaded") from None
-            raise
-        queue_ns, input_ns, infer_ns, output_ns = timing
-        batch = _batch_size(inputs)
-        lv.stats.record_execution(batch, queue_ns, input_ns, infer_ns, output_ns)
-        labels = (lv.name, lv.version)
-        self.metrics.queue_latency.labels(*labels).observe(queue_ns / 1e9)
-        self.metrics.compute_latency.labels(*labels).observe(infer_ns / 1e9)
-        self.metrics.batch_size.labels(*labels).observe(batch)
-        return result
-
-
-def _batch_size(inputs: dict[str, np.ndarray]) -> int:
-    for arr in inputs.values():
-        return int(arr.shape[0]) if arr.ndim else 1
-    return 1
+        return await scheduler.submit(inputs, outputs, deadline, priority)

@@ -22,6 +22,17 @@ class Duration:
 
 
 @dataclass(slots=True)
+class ExecutionTiming:
+    """What one execution cost; `queue_ns` holds one entry per request of the batch."""
+
+    rows: int
+    queue_ns: list[int] = field(default_factory=list)
+    input_ns: int = 0
+    infer_ns: int = 0
+    output_ns: int = 0
+
+
+@dataclass(slots=True)
 class BatchStats:
     compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
@@ -44,21 +55,27 @@ class VersionStats:
         self.compute_output = Duration()
         self.batches: dict[int, BatchStats] = {}
 
-    def record_execution(
-        self, batch_size: int, queue_ns: int, input_ns: int, infer_ns: int, output_ns: int
-    ) -> None:
+    def record_execution(self, timing: ExecutionTiming) -> None:
+        """One model run. As in Triton, every request of the batch is charged the batch's compute
+        time in `inference_stats` (per request), and the run itself counts once in `batch_stats`."""
+        n = len(timing.queue_ns)
         with self._lock:
             self.execution_count += 1
-            self.inference_count += batch_size
+            self.inference_count += timing.rows
             self.last_inference_ms = time.time_ns() // 1_000_000
-            self.queue.add(queue_ns)
-            self.compute_input.add(input_ns)
-            self.compute_infer.add(infer_ns)
-            self.compute_output.add(output_ns)
-            stats = self.batches.setdefault(batch_size, BatchStats())
-            stats.compute_input.add(input_ns)
-            stats.compute_infer.add(infer_ns)
-            stats.compute_output.add(output_ns)
+            for q in timing.queue_ns:
+                self.queue.add(q)
+            for total, ns in (
+                (self.compute_input, timing.input_ns),
+                (self.compute_infer, timing.infer_ns),
+                (self.compute_output, timing.output_ns),
+            ):
+                total.count += n
+                total.ns += ns * n
+            stats = self.batches.setdefault(timing.rows, BatchStats())
+            stats.compute_input.add(timing.input_ns)
+            stats.compute_infer.add(timing.infer_ns)
+            stats.compute_output.add(timing.output_ns)
 
     def record_request(self, ok: bool, total_ns: int) -> None:
         with self._lock:

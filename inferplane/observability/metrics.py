@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -74,3 +76,19 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class VersionMetrics:
+    """The label children of one model version, resolved once instead of on every request."""
+
+    def __init__(self, metrics: Metrics, model: str, version: str) -> None:
+        self.queue = metrics.queue_latency.labels(model, version)
+        self.compute = metrics.compute_latency.labels(model, version)
+        self.batch = metrics.batch_size.labels(model, version)
+
+    def execution(self, timing: Any) -> None:
+        """`timing`: an engine ExecutionTiming (rows, queue_ns per request, infer_ns)."""
+        for q in timing.queue_ns:
+            self.queue.observe(q / 1e9)
+        self.compute.observe(timing.infer_ns / 1e9)
+        self.batch.observe(timing.rows)

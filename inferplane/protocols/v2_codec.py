@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +22,7 @@ from inferplane.tensors import (
 )
 
 HEADER_LENGTH = "inference-header-content-length"
+TIMEOUT_HEADER = b"x-inferplane-timeout-ms"  # REST; gRPC uses its own deadlines
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 
@@ -175,3 +177,31 @@ def dumps(doc: Any) -> bytes:
 
 def loads(raw: bytes) -> Any:
     return _loads(raw)
+
+
+def request_deadline(params: dict[str, Any], header_ms: bytes | None) -> float | None:
+    """A time.monotonic() deadline from V2 `parameters.timeout` (µs) or the timeout header (ms)."""
+    seconds: float | None = None
+    timeout = params.get("timeout")
+    if timeout is not None:
+        if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
+            raise BadRequest("parameters.timeout must be a positive number of microseconds")
+        seconds = timeout / 1e6
+    if header_ms is not None:
+        try:
+            ms = float(header_ms)
+        except ValueError:
+            raise BadRequest(
+                f"{TIMEOUT_HEADER.decode()} must be a number of milliseconds"
+            ) from None
+        if ms <= 0:
+            raise BadRequest(f"{TIMEOUT_HEADER.decode()} must be positive")
+        seconds = ms / 1e3 if seconds is None else min(seconds, ms / 1e3)
+    return None if seconds is None else time.monotonic() + seconds
+
+
+def request_priority(params: dict[str, Any]) -> int:
+    priority = params.get("priority", 0)
+    if not isinstance(priority, int) or isinstance(priority, bool) or priority < 0:
+        raise BadRequest("parameters.priority must be a non-negative integer (1 = highest)")
+    return priority

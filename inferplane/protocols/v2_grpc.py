@@ -37,6 +37,7 @@ from inferplane.protocols import model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
+from inferplane.protocols.v2_codec import request_deadline, request_priority
 from inferplane.tensors import BYTES, check_shape, datatype_of, dtype_of, from_raw, to_raw
 
 log = logging.getLogger("inferplane.grpc")
@@ -248,12 +249,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         started = time.perf_counter()
         name = request.model_name
         label_model, label_version, status = UNKNOWN, "", 500
-        self.metrics.inflight.inc()
+        self.manager.inflight += 1
         try:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed before the model ran")
             inputs = decode_inputs(request)
+            params = {k: getattr(v, v.WhichOneof("parameter_choice") or "bool_param")
+                      for k, v in request.parameters.items()}  # fmt: skip
+            deadline = request_deadline(params, None)
+            if remaining is not None:
+                grpc_deadline = time.monotonic() + remaining
+                deadline = grpc_deadline if deadline is None else min(deadline, grpc_deadline)
             headers = _metadata(context)
             prediction = await self.predictor.predict(
                 name,
@@ -262,9 +269,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs=[o.name for o in request.outputs] or None,
                 context=RequestContext(
                     request_id=request.id or str(uuid.uuid4()),
-                    deadline=None if remaining is None else time.monotonic() + remaining,
+                    deadline=deadline,
                     headers=headers,
                     traceparent=headers.get("traceparent"),
+                    priority=request_priority(params),
                 ),
             )
             label_model, label_version = prediction.model_name, prediction.model_version
@@ -278,7 +286,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 label_model = name
             raise
         finally:
-            self.metrics.inflight.dec()
+            self.manager.inflight -= 1
             self.metrics.requests.labels(label_model, label_version, "grpc", str(status)).inc()
             if status == 200:
                 self.metrics.request_latency.labels(label_model, label_version, "grpc").observe(

@@ -1,10 +1,9 @@
 """Open Inference Protocol (KServe V2) over REST, with Triton's binary, repository, statistics and
-model configuration extensions. Handlers stay thin: decode, call the predictor, encode."""
+model configuration extensions. Infer itself is the bare ASGI handler in `v2_infer_asgi`."""
 
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -14,15 +13,10 @@ from starlette.routing import Route
 
 from inferplane.engine.manager import LoadedVersion, ModelEntry
 from inferplane.errors import BadRequest, InferplaneError, PayloadTooLarge
-from inferplane.observability.metrics import UNKNOWN
-from inferplane.predictor import RequestContext
 from inferplane.protocols import model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.v2_codec import (
-    HEADER_LENGTH,
-    decode_request,
     dumps,
-    encode_response,
     loads,
 )
 
@@ -110,49 +104,6 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         _, lv = _lookup(request)
         return json_response(model_views.model_config(lv.config, lv.platform))
 
-    async def infer(request: Request) -> Response:
-        started = time.perf_counter()
-        name = request.path_params["model"]
-        label_model, label_version, status = UNKNOWN, "", 500
-        metrics.inflight.inc()
-        try:
-            body = await read_body(request, deps.max_payload_bytes)
-            decoded = decode_request(body, request.headers.get(HEADER_LENGTH))
-            context = RequestContext(
-                request_id=decoded.id,
-                headers=request.headers,
-                traceparent=request.headers.get("traceparent"),
-            )
-            prediction = await predictor.predict(
-                name,
-                decoded.inputs,
-                version=version_param(request),
-                outputs=[o.name for o in decoded.outputs] or None,
-                context=context,
-            )
-            label_model, label_version = prediction.model_name, prediction.model_version
-            payload, header_len = encode_response(
-                prediction.model_name, prediction.model_version, decoded, prediction.outputs
-            )
-            status = 200
-            headers = {"x-inferplane-route": prediction.route}
-            if header_len is None:
-                return Response(payload, media_type=JSON, headers=headers)
-            headers["Inference-Header-Content-Length"] = str(header_len)
-            return Response(payload, media_type="application/octet-stream", headers=headers)
-        except InferplaneError as exc:
-            status = exc.status
-            if name in manager.models:
-                label_model = name
-            return error_response(exc)
-        finally:
-            metrics.inflight.dec()
-            metrics.requests.labels(label_model, label_version, "rest", str(status)).inc()
-            if status == 200:
-                metrics.request_latency.labels(label_model, label_version, "rest").observe(
-                    time.perf_counter() - started
-                )
-
     async def stats(request: Request) -> Response:
         rows = model_views.statistics(
             manager, request.path_params.get("model"), version_param(request)
@@ -197,8 +148,6 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         (f"{mv}/config", model_config, ["GET"]),
         (f"{m}/stats", stats, ["GET"]),
         (f"{mv}/stats", stats, ["GET"]),
-        (f"{m}/infer", infer, ["POST"]),
-        (f"{mv}/infer", infer, ["POST"]),
         (m, model_metadata, ["GET"]),
         (mv, model_metadata, ["GET"]),
         ("/v2/repository/index", repo_index, ["POST"]),

@@ -61,6 +61,48 @@ class Batching(BaseModel):
     preferred_batch_sizes: list[int] = Field(default_factory=list)
 
 
+class QueuePolicy(BaseModel):
+    """Overload protection: how much work may wait for this version, and for how long."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_size: int = Field(default=1024, ge=1)  # waiting requests; beyond: 503 at once
+    default_timeout_us: int = Field(default=0, ge=0)  # 0 = none unless the request sets one
+    priority_levels: int = Field(default=1, ge=1, le=16)  # 1 = highest
+
+
+class OptimizedOutput(BaseModel):
+    """Where one declared output comes from in the optimized graph."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str  # the output's name in the optimized graph
+    column: int | None = Field(default=None, ge=0)  # take this column of a [N, K] output
+
+
+class Optimized(BaseModel):
+    """A faster equivalent of `artifact`, made and checked by `models register --optimize`.
+
+    Fixed at registration like the rest of the version: `enabled` records whether the check passed
+    and the optimized artifact was the faster one. The declared signature never changes; `outputs`
+    maps every declared output to the optimized graph's output (a plain string is the source name).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    artifact: str
+    runtime: Literal["onnx"] = "onnx"
+    enabled: bool = True
+    outputs: dict[str, OptimizedOutput]
+
+    @field_validator("outputs", mode="before")
+    @classmethod
+    def _shorthand(cls, v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: {"source": s} if isinstance(s, str) else s for k, s in v.items()}
+        return v
+
+
 class ModelConfig(BaseModel):
     """One immutable model version."""
 
@@ -75,9 +117,11 @@ class ModelConfig(BaseModel):
     outputs: list[TensorDecl]
     batching: Batching | None = None
     instances: int = Field(default=1, ge=1)
+    queue: QueuePolicy = Field(default_factory=QueuePolicy)
     device: str = "cpu"
     options: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
+    optimized: Optimized | None = None  # set by `models register --optimize`
 
     @field_validator("name")
     @classmethod

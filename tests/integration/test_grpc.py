@@ -668,39 +668,6 @@ def test_deadline(client: grpcclient.InferenceServerClient) -> None:
     np.testing.assert_array_equal(slow.as_numpy("y"), [0.0])
 
 
-async def test_expired_deadline_skips_the_model() -> None:
-    """A request whose deadline already passed (e.g. while queued) never reaches the model."""
-    from types import SimpleNamespace
-
-    from inferplane.errors import DeadlineExceeded
-    from inferplane.observability.metrics import Metrics
-    from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
-    from inferplane.protocols.v2_grpc import InferenceServicer
-
-    calls: list[str] = []
-
-    class Predictor:
-        async def predict(self, target: str, *args: Any, **kwargs: Any) -> Any:
-            calls.append(target)
-            raise AssertionError("the model ran after the deadline")
-
-    class Context:
-        def time_remaining(self) -> float:
-            return 0.0
-
-        def invocation_metadata(self) -> tuple[()]:
-            return ()
-
-    deps: Any = SimpleNamespace(manager=SimpleNamespace(models={}), predictor=Predictor())
-    deps.metrics = Metrics()
-    servicer = InferenceServicer(deps)
-    request = pb.ModelInferRequest(model_name="m", raw_input_contents=[b"\0\0\0\0"])
-    request.inputs.add(name="x", datatype="FP32", shape=[1])
-    with pytest.raises(DeadlineExceeded):
-        await servicer._infer(request, Context())
-    assert calls == []
-
-
 def test_metrics_count_grpc(server: Server, client: grpcclient.InferenceServerClient) -> None:
     client.infer("double", _double_inputs(np.ones((1, 4), dtype=np.float32)))
     with contextlib.suppress(InferenceServerException):

@@ -1,0 +1,314 @@
+"""The per-version scheduler: dynamic batching, instances, queue bound, deadlines, priorities.
+
+Real runtimes throughout (ONNX Runtime on a forest and an MLP, a python model that records what it
+is asked), driven by many concurrent asyncio callers with seeded random sizes and arrival times.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from inferplane.engine.scheduler import Scheduler
+from inferplane.engine.stats import VersionStats
+from inferplane.errors import BadRequest, DeadlineExceeded, Overloaded, Unavailable
+from inferplane.repository.register import parse_tensor_arg, register
+from inferplane.repository.schema import Batching, ModelConfig, QueuePolicy
+from inferplane.repository.store import Repository
+from inferplane.runtimes import Runtime, get_runtime
+
+RECORDER = textwrap.dedent(
+    """
+    import time
+    import numpy as np
+
+    class Model:
+        def load(self, path):
+            self.calls = []  # the rows of every execution, in order
+
+        def predict(self, inputs):
+            x = inputs["x"]
+            self.calls.append(x[:, 0].copy())
+            if (x[:, 0] < 0).any():
+                raise ValueError("negative ids are refused")
+            time.sleep(float(x[:, 1].max()))
+            return {"y": x[:, 0] * 2}
+    """
+)
+
+
+def _forest(path: Path) -> str:
+    from skl2onnx import to_onnx
+    from sklearn.datasets import make_classification
+    from sklearn.ensemble import RandomForestClassifier
+
+    x, y = make_classification(2000, 8, random_state=0)
+    forest = RandomForestClassifier(20, max_depth=6, random_state=0).fit(x.astype(np.float32), y)
+    onx = to_onnx(forest, x[:1].astype(np.float32), options={id(forest): {"zipmap": False}})
+    path.write_bytes(onx.SerializeToString())
+    return str(path)
+
+
+def _mlp(path: Path) -> str:
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 64)).astype(np.float32), "w1")
+    w2 = numpy_helper.from_array(rng.standard_normal((64, 4)).astype(np.float32), "w2")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+         helper.make_node("MatMul", ["r", "w2"], ["y"])],
+        "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 4])],
+        [w1, w2],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def _runtime(
+    tmp_path: Path, name: str, artifact: str, **kwargs: Any
+) -> tuple[Runtime, ModelConfig]:
+    repo = Repository(str(tmp_path / "repo"))
+    config = register(repo, name, artifact, **kwargs)
+    runtime = get_runtime(config.runtime)(config, repo.fetch(config))
+    runtime.load()
+    return runtime, config
+
+
+def _recorder(tmp_path: Path, **kwargs: Any) -> tuple[Runtime, ModelConfig]:
+    folder = tmp_path / "recorder"
+    folder.mkdir(exist_ok=True)
+    (folder / "model.py").write_text(RECORDER)
+    return _runtime(
+        tmp_path, "recorder", str(folder), inputs=[parse_tensor_arg("x:FP64:-1,2")],
+        outputs=[parse_tensor_arg("y:FP64:-1")], **kwargs,
+    )  # fmt: skip
+
+
+def _scheduler(
+    runtime: Runtime, config: ModelConfig, **updates: Any
+) -> tuple[Scheduler, VersionStats]:
+    stats = VersionStats()
+    scheduler = Scheduler(runtime, config.model_copy(update=updates), stats.record_execution)
+    return scheduler, stats
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+@pytest.mark.parametrize("model", ["forest", "mlp"])
+async def test_batched_results_equal_unbatched(tmp_path: Path, model: str, seed: int) -> None:
+    artifact = _forest(tmp_path / "m.onnx") if model == "forest" else _mlp(tmp_path / "m.onnx")
+    batching = Batching(max_batch_size=16, max_queue_delay_us=2000)
+    runtime, config = _runtime(tmp_path, model, artifact, batching=batching, instances=2)
+    scheduler, stats = _scheduler(runtime, config)
+    rng = random.Random(seed)
+    data = np.random.default_rng(seed).standard_normal((400, 8)).astype(np.float32)
+    # Requests of 1..6 rows, arriving in bursts and trickles.
+    requests, start = [], 0
+    while start < len(data):
+        size = min(rng.randint(1, 6), len(data) - start)
+        requests.append((data[start : start + size], rng.choice([0, 0, 0, 0.0005, 0.002])))
+        start += size
+
+    async def call(x: np.ndarray, pause: float) -> dict[str, np.ndarray]:
+        await asyncio.sleep(pause)
+        return await scheduler.submit({config.inputs[0].name: x}, None)
+
+    # Many callers at once, so that batches really mix requests.
+    results = []
+    for i in range(0, len(requests), 24):
+        results += await asyncio.gather(*(call(x, p) for x, p in requests[i : i + 24]))
+    assert stats.execution_count < len(requests), "no batch was ever formed"
+    assert max(stats.batches) <= 16
+    assert stats.inference_count == len(data)
+    for (x, _), got in zip(requests, results, strict=True):
+        alone = runtime.predict({config.inputs[0].name: x})
+        for name, expected in alone.items():
+            assert got[name].shape == expected.shape
+            if model == "forest":
+                np.testing.assert_array_equal(got[name], expected)  # exact for trees
+            else:
+                np.testing.assert_allclose(got[name], expected, rtol=1e-6, atol=1e-6)
+    scheduler.close()
+
+
+async def test_no_request_gets_another_requests_rows(tmp_path: Path) -> None:
+    runtime, config = _recorder(
+        tmp_path, batching=Batching(max_batch_size=8, max_queue_delay_us=3000)
+    )
+    scheduler, stats = _scheduler(runtime, config)
+    rng = random.Random(7)
+    ids, next_id = [], 0
+    for _ in range(60):
+        n = rng.randint(1, 3)
+        ids.append(list(range(next_id, next_id + n)))
+        next_id += n
+    results = await asyncio.gather(
+        *(scheduler.submit({"x": np.array([[i, 0.001] for i in req], dtype=np.float64)}, None)
+          for req in ids)
+    )  # fmt: skip
+    scheduler.close()
+    for req, got in zip(ids, results, strict=True):
+        assert got["y"].tolist() == [2.0 * i for i in req]
+    assert stats.execution_count < len(ids)
+    # A request is never split across executions.
+    calls = [list(c) for c in runtime.model.calls]  # type: ignore[attr-defined]
+    for req in ids:
+        assert any(req == c[k : k + len(req)] for c in calls for k in range(len(c)))
+
+
+async def test_a_lone_request_does_not_wait_for_company(tmp_path: Path) -> None:
+    # A 300 ms window: a request alone in the server must not sit it out.
+    runtime, config = _recorder(
+        tmp_path, batching=Batching(max_batch_size=8, max_queue_delay_us=300_000)
+    )
+    scheduler, _ = _scheduler(runtime, config)
+    started = time.monotonic()
+    await scheduler.submit({"x": np.array([[1.0, 0.0]])}, None)
+    assert time.monotonic() - started < 0.15
+    scheduler.close()
+
+
+async def test_waits_for_more_while_others_are_in_the_server(tmp_path: Path) -> None:
+    runtime, config = _recorder(
+        tmp_path, batching=Batching(max_batch_size=8, max_queue_delay_us=200_000)
+    )
+    stats = VersionStats()
+    in_server = [3]  # what the protocols would count: three requests on their way
+    scheduler = Scheduler(
+        runtime, config, stats.record_execution, arrivals_hint=lambda: in_server[0]
+    )
+
+    async def late(i: int, pause: float) -> Any:
+        await asyncio.sleep(pause)
+        return await scheduler.submit({"x": np.array([[float(i), 0.0]])}, None)
+
+    results = await asyncio.gather(late(1, 0), late(2, 0.02), late(3, 0.04))
+    scheduler.close()
+    assert [r["y"].tolist() for r in results] == [[2.0], [4.0], [6.0]]
+    assert stats.execution_count == 1 and list(stats.batches) == [3]
+
+
+async def test_request_larger_than_max_batch_is_refused(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path, batching=Batching(max_batch_size=4))
+    scheduler, _ = _scheduler(runtime, config)
+    with pytest.raises(BadRequest, match="batch of 5 rows exceeds max_batch_size 4"):
+        await scheduler.submit({"x": np.zeros((5, 2))}, None)
+    scheduler.close()
+
+
+async def test_full_queue_answers_at_once_and_accepted_work_completes(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    scheduler, stats = _scheduler(runtime, config, queue=QueuePolicy(max_size=4))
+    started = time.monotonic()
+
+    async def call(i: int) -> Any:
+        try:
+            return await scheduler.submit({"x": np.array([[float(i), 0.05]])}, None)
+        except Overloaded as exc:
+            return (exc, time.monotonic() - started)
+
+    results = await asyncio.gather(*(call(i) for i in range(30)))
+    scheduler.close()
+    rejected = [r for r in results if isinstance(r, tuple)]
+    accepted = [r for r in results if not isinstance(r, tuple)]
+    # Four waiting at most (plus one running once the worker took it); the rest refused at once.
+    assert 4 <= len(accepted) <= 5 and len(rejected) == 30 - len(accepted)
+    assert all(elapsed < 0.05 for _, elapsed in rejected), "a 503 waited for the model"
+    assert all("queue full" in str(exc) for exc, _ in rejected)
+    assert stats.inference_count == len(accepted)
+
+
+async def test_expired_work_is_dropped_before_the_model(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    scheduler, _ = _scheduler(runtime, config)
+    blocker = asyncio.ensure_future(scheduler.submit({"x": np.array([[1.0, 0.2]])}, None))
+    await asyncio.sleep(0.02)
+    started = time.monotonic()
+    with pytest.raises(DeadlineExceeded):
+        await scheduler.submit(
+            {"x": np.array([[99.0, 0.0]])}, None, deadline=time.monotonic() + 0.03
+        )
+    assert time.monotonic() - started < 0.15  # answered at its deadline, not after the blocker
+    await blocker
+    await scheduler.submit({"x": np.array([[3.0, 0.0]])}, None)  # the next one still runs
+    scheduler.close()
+    seen = [float(v) for c in runtime.model.calls for v in c]  # type: ignore[attr-defined]
+    assert 99.0 not in seen and seen == [1.0, 3.0]
+
+
+async def test_default_timeout_from_model_yaml(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    scheduler, _ = _scheduler(runtime, config, queue=QueuePolicy(default_timeout_us=30_000))
+    with pytest.raises(DeadlineExceeded):
+        await scheduler.submit({"x": np.array([[1.0, 0.3]])}, None)
+    scheduler.close()
+
+
+async def test_priority_levels(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    scheduler, _ = _scheduler(runtime, config, queue=QueuePolicy(priority_levels=2))
+    blocker = asyncio.ensure_future(scheduler.submit({"x": np.array([[0.0, 0.1]])}, None))
+    await asyncio.sleep(0.02)
+    low = asyncio.ensure_future(scheduler.submit({"x": np.array([[1.0, 0.0]])}, None, priority=2))
+    await asyncio.sleep(0.005)
+    high = asyncio.ensure_future(scheduler.submit({"x": np.array([[2.0, 0.0]])}, None, priority=1))
+    await asyncio.gather(blocker, low, high)
+    scheduler.close()
+    order = [float(c[0]) for c in runtime.model.calls]  # type: ignore[attr-defined]
+    assert order == [0.0, 2.0, 1.0]
+
+
+async def test_a_bad_request_in_a_batch_fails_alone(tmp_path: Path) -> None:
+    runtime, config = _recorder(
+        tmp_path, batching=Batching(max_batch_size=8, max_queue_delay_us=50_000)
+    )
+    scheduler, _ = _scheduler(runtime, config)
+    blocker = asyncio.ensure_future(scheduler.submit({"x": np.array([[100.0, 0.05]])}, None))
+    await asyncio.sleep(0.01)
+    results = await asyncio.gather(
+        *(scheduler.submit({"x": np.array([[float(i), 0.0]])}, None) for i in (1, -1, 2)),
+        return_exceptions=True,
+    )
+    await blocker
+    scheduler.close()
+    assert results[0]["y"].tolist() == [2.0] and results[2]["y"].tolist() == [4.0]  # type: ignore[index]
+    assert isinstance(results[1], ValueError)
+
+
+async def test_instances_run_concurrently(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path, instances=3)
+    scheduler, _ = _scheduler(runtime, config)
+    started = time.monotonic()
+    await asyncio.gather(
+        *(scheduler.submit({"x": np.array([[float(i), 0.1]])}, None) for i in range(3))
+    )
+    assert (
+        time.monotonic() - started < 0.25
+    )  # three 100 ms calls side by side, not one after another
+    scheduler.close()
+
+
+async def test_close_finishes_queued_work_and_refuses_new(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    scheduler, _ = _scheduler(runtime, config)
+    pending = [asyncio.ensure_future(scheduler.submit({"x": np.array([[float(i), 0.01]])}, None))
+               for i in range(5)]  # fmt: skip
+    await asyncio.sleep(0)
+    scheduler.close()
+    with pytest.raises(Unavailable, match="unloading"):
+        await scheduler.submit({"x": np.array([[9.0, 0.0]])}, None)
+    assert [r["y"].tolist() for r in await asyncio.gather(*pending)] == [
+        [2.0 * i] for i in range(5)
+    ]
