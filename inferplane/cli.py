@@ -154,11 +154,39 @@ def register_cmd(
     alias: Annotated[
         list[str] | None, typer.Option("--alias", help="Point this alias at the new version.")
     ] = None,
+    optimize: Annotated[
+        bool,
+        typer.Option(
+            "--optimize",
+            help="Also convert a scikit-learn, XGBoost or LightGBM model to ONNX, check it against "
+            "the original and serve it when it matches and is faster.",
+        ),
+    ] = False,
+    samples: Annotated[
+        str | None,
+        typer.Option(
+            help="With --optimize: .npy array [N, n_features] of rows to check, besides the "
+            "generated ones."
+        ),
+    ] = None,
+    optimize_tolerance: Annotated[
+        float,
+        typer.Option(help="With --optimize: largest absolute difference accepted on numbers."),
+    ] = 1e-5,
+    optimize_rtol: Annotated[
+        float,
+        typer.Option(help="With --optimize: relative difference accepted on top (default 0)."),
+    ] = 0.0,
 ) -> None:
     """Copy ARTIFACT into the repository as the next version of NAME."""
+    from inferplane.repository.optimize import OptimizeOptions
     from inferplane.repository.register import parse_tensor_arg, register
     from inferplane.repository.schema import Batching
 
+    if not optimize and samples is not None:
+        raise typer.BadParameter("--samples is used with --optimize only", param_hint="--samples")
+    if optimize_tolerance < 0 or optimize_rtol < 0:
+        raise typer.BadParameter("tolerances are >= 0", param_hint="--optimize-tolerance")
     repo = _repo(repository)
     config = register(
         repo,
@@ -176,14 +204,42 @@ def register_cmd(
         device=device,
         options=_parse_kv(option, "--option"),
         metadata=_parse_kv(metadata, "--metadata"),
+        optimize=(
+            OptimizeOptions(samples=samples, atol=optimize_tolerance, rtol=optimize_rtol)
+            if optimize
+            else None
+        ),
     )
     for a in alias or []:
         repo.set_alias(name, a, config.version)
+    served: str = config.runtime
+    if config.optimized is not None and config.optimized.enabled:
+        served = f"{config.runtime}, served as ONNX"
     console.print(
         f"registered [bold]{config.name}[/bold] version [bold]{config.version}[/bold] "
-        f"({config.runtime}) in {repository}",
+        f"({served}) in {repository}",
         highlight=False,
     )
+    if optimize:
+        report = config.metadata.get("optimization", {})
+        if report.get("converted"):
+            speed = report.get("speedup", {})
+            console.print(
+                f"optimization: {report.get('samples', {}).get('checked', 0)} samples match "
+                f"within atol {optimize_tolerance:g}; max |diff| "
+                f"{report.get('max_abs_diff') or '-'}; label agreement "
+                f"{report.get('label_agreement') or '-'}; ONNX speed-up "
+                f"{speed.get('batch_1')}x at batch 1, {speed.get('batch_32')}x at batch 32",
+                highlight=False,
+                soft_wrap=True,
+            )
+        if report.get("served") != "onnx":
+            err_console.print(
+                f"[yellow]warning:[/yellow] not optimized, serving the {config.runtime} artifact "
+                f"as it is: {report.get('reason', 'unknown reason')}",
+                highlight=False,
+                soft_wrap=True,
+            )
 
 
 @models_app.command("list")

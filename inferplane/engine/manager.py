@@ -29,7 +29,7 @@ from inferplane.errors import (
 from inferplane.observability.metrics import Metrics, VersionMetrics
 from inferplane.repository.schema import ModelConfig
 from inferplane.repository.store import Repository, verify
-from inferplane.runtimes import Runtime, get_runtime
+from inferplane.runtimes import Runtime, create_runtime
 
 log = logging.getLogger("inferplane.engine")
 
@@ -172,7 +172,7 @@ class ModelManager:
         with self._repo_lock:
             local_dir = self.repository.fetch(config)
         verify(config, local_dir)
-        runtime = get_runtime(config.runtime)(config, local_dir)
+        runtime = create_runtime(config, local_dir)
         runtime.load()
         try:
             runtime.predict(warmup_inputs(config))

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import re
+import tempfile
 from datetime import UTC, datetime
 from typing import Any
 
 from pydantic import ValidationError
 
 from inferplane.errors import RepositoryError
+from inferplane.repository.optimize import OPTIMIZED_ARTIFACT, OptimizeOptions, optimize_version
 from inferplane.repository.schema import MODEL_NAME, Batching, ModelConfig, TensorDecl, describe
 from inferplane.repository.store import Repository
 from inferplane.runtimes import get_runtime, guess_runtime
@@ -66,8 +68,15 @@ def register(
     options: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
     version: int | None = None,
+    optimize: OptimizeOptions | None = None,
 ) -> ModelConfig:
-    """Add `artifact` (a file, or a folder for multi-file models) as the next version of `name`."""
+    """Add `artifact` (a file, or a folder for multi-file models) as the next version of `name`.
+
+    With `optimize`, a scikit-learn, XGBoost or LightGBM model is also converted to ONNX and checked
+    against the original (`repository.optimize`): both artifacts are stored, `optimized` in
+    model.yaml says which one serves, and `metadata.optimization` holds the check's figures or the
+    reason the original serves as it is.
+    """
     art_name, files = _collect_files(artifact)
     runtime = runtime or guess_runtime(os.path.abspath(artifact))
     if runtime is None:
@@ -110,4 +119,31 @@ def register(
             **(metadata or {}),
         },
     )
-    return repository.add_version(config, files)
+    if optimize is None:
+        return repository.add_version(config, files)
+    return _add_optimized(repository, config, files, os.path.abspath(artifact), optimize)
+
+
+def _add_optimized(
+    repository: Repository,
+    config: ModelConfig,
+    files: dict[str, str],
+    artifact: str,
+    options: OptimizeOptions,
+) -> ModelConfig:
+    stem, n = OPTIMIZED_ARTIFACT.removesuffix(".onnx"), 1
+    name = OPTIMIZED_ARTIFACT
+    while name in files or name == config.artifact:
+        n += 1
+        name = f"{stem}-{n}.onnx"
+    with tempfile.TemporaryDirectory(prefix="inferplane-optimize-") as workdir:
+        result = optimize_version(config, os.path.dirname(artifact), workdir, options, name)
+        metadata = {**config.metadata, "optimization": result.report}
+        config = config.model_copy(update={"optimized": result.block, "metadata": metadata})
+        if result.block is not None and result.onnx_path is not None:
+            files = {**files, result.block.artifact: result.onnx_path}
+        # Re-validated: what is written is what a reader will accept.
+        config = ModelConfig.checked(
+            f"{config.name} version {config.version}", **config.model_dump(exclude_none=True)
+        )
+        return repository.add_version(config, files)

@@ -6,9 +6,13 @@ Each entry: runtime name -> (module, class, pip extra that installs its framewor
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
 from inferplane.errors import MissingExtra, RepositoryError
 from inferplane.runtimes.base import Runtime, Signature
+
+if TYPE_CHECKING:
+    from inferplane.repository.schema import ModelConfig
 
 _RUNTIMES: dict[str, tuple[str, str, str]] = {
     "onnx": ("inferplane.runtimes.onnx", "OnnxRuntime", "onnx"),
@@ -50,6 +54,20 @@ def get_runtime(name: str) -> type[Runtime]:
     return cls
 
 
+def create_runtime(config: ModelConfig, local_dir: str, *, optimized: bool = True) -> Runtime:
+    """The runtime that serves a version: its optimized ONNX artifact when registration made and
+    enabled one (`model.yaml` `optimized`), else the runtime `config.runtime` names.
+
+    `optimized=False` serves the original artifact even so (a server-wide opt-out).
+    """
+    block = config.optimized
+    if optimized and block is not None and block.enabled:
+        from inferplane.runtimes.optimized import OptimizedRuntime
+
+        return OptimizedRuntime(config, local_dir)
+    return get_runtime(config.runtime)(config, local_dir)
+
+
 def guess_runtime(artifact_path: str) -> str | None:
     """The runtime whose `sniff` recognises the artifact, trying only installed frameworks."""
     for name in _RUNTIMES:
@@ -62,4 +80,11 @@ def guess_runtime(artifact_path: str) -> str | None:
     return None
 
 
-__all__ = ["Runtime", "Signature", "get_runtime", "guess_runtime", "runtime_names"]
+__all__ = [
+    "Runtime",
+    "Signature",
+    "create_runtime",
+    "get_runtime",
+    "guess_runtime",
+    "runtime_names",
+]
