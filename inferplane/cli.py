@@ -73,6 +73,10 @@ def serve(
         float, typer.Option(help="Largest request body accepted (413 beyond).")
     ] = 64.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    http_server: Annotated[
+        str,
+        typer.Option(help="HTTP front end: uvicorn (uvloop + httptools) or granian (Rust)."),
+    ] = "uvicorn",
     strict_readiness: Annotated[
         bool,
         typer.Option(
@@ -84,6 +88,8 @@ def serve(
     """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
     from inferplane.server import ServerSettings, run
 
+    if http_server not in ("granian", "uvicorn"):
+        raise typer.BadParameter("use granian or uvicorn", param_hint="--http-server")
     repo = _repo(repository)
     if not repo.exists():
         raise typer.BadParameter(
@@ -99,6 +105,7 @@ def serve(
             max_payload_bytes=int(max_payload_mb * 1024 * 1024),
             log_level=log_level.lower(),
             strict_readiness=strict_readiness,
+            http_server=http_server,
         )
     )
 

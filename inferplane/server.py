@@ -33,6 +33,7 @@ class ServerSettings:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     log_level: str = "info"
     strict_readiness: bool = False
+    http_server: str = "uvicorn"  # or "granian" (see docs/serving.md for the measurement)
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -68,6 +69,23 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
 async def serve(settings: ServerSettings) -> None:
     deps = build_deps(settings)
     app = build_app(deps)
+    grpc_server = None
+    if settings.grpc_port:
+        from inferplane.protocols.v2_grpc import start_grpc_server
+
+        grpc_server = await start_grpc_server(deps, settings.host, settings.grpc_port)
+        log.info("gRPC listening on %s:%d", settings.host, settings.grpc_port)
+    try:
+        if settings.http_server == "granian":
+            await _serve_granian(app, settings)
+        else:
+            await _serve_uvicorn(app, settings)
+    finally:
+        if grpc_server is not None:
+            await grpc_server.stop(grace=5)
+
+
+async def _serve_uvicorn(app: InferEndpoint, settings: ServerSettings) -> None:
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -79,18 +97,33 @@ async def serve(settings: ServerSettings) -> None:
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    http = uvicorn.Server(config)
-    grpc_server = None
-    if settings.grpc_port:
-        from inferplane.protocols.v2_grpc import start_grpc_server
+    await uvicorn.Server(config).serve()
 
-        grpc_server = await start_grpc_server(deps, settings.host, settings.grpc_port)
-        log.info("gRPC listening on %s:%d", settings.host, settings.grpc_port)
-    try:
-        await http.serve()
-    finally:
-        if grpc_server is not None:
-            await grpc_server.stop(grace=5)
+
+async def _serve_granian(app: InferEndpoint, settings: ServerSettings) -> None:
+    """Granian's Rust HTTP/1 front end in this process and event loop (its embedded mode).
+
+    It parses requests and writes responses off the Python thread, which is where uvicorn spends
+    most of its time on small requests (two socket writes per response under the GIL).
+    """
+    from granian.constants import Interfaces
+    from granian.log import LogLevels
+    from granian.server.embed import Server
+
+    logging.getLogger("_granian").setLevel(logging.ERROR)  # "embedded is experimental" at start
+    server = Server(
+        app,
+        address=settings.host,
+        port=settings.http_port,
+        interface=Interfaces.ASGI,
+        log_level=LogLevels.error,
+        backlog=2048,
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, server.stop)
+    log.info("HTTP listening on %s:%d (granian)", settings.host, settings.http_port)
+    await server.serve()
 
 
 def run(settings: ServerSettings) -> None:
@@ -107,4 +140,4 @@ def run(settings: ServerSettings) -> None:
         asyncio.run(serve(settings))
 
 
-__all__ = ["ServerSettings", "build_app", "build_deps", "run", "serve", "signal"]
+__all__ = ["ServerSettings", "build_app", "build_deps", "run", "serve"]

@@ -366,3 +366,26 @@ def test_prometheus_metrics(client: httpx.Client) -> None:
     assert "inferplane_queue_duration_seconds_bucket" in text
     assert "inferplane_compute_duration_seconds_bucket" in text
     assert 'inferplane_model_ready{model="tabular",version="2"} 1.0' in text
+
+
+def test_granian_front_end_serves_the_same_protocol(
+    example_build: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from tests.integration.servers import start_server
+
+    server = start_server(
+        example_build[0], tmp_path, "--http-server", "granian", "--model", "tabular"
+    )
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as client:
+            doc = infer_json(client, "/v2/models/tabular/versions/2/infer", tabular_input(), id="g")
+            assert doc["id"] == "g" and doc["model_version"] == "2"
+            r = client.post("/v2/models/tabular/infer", content=b"{")
+            assert r.status_code == 400 and "malformed JSON" in r.json()["error"]
+            assert client.get("/v2/models/tabular/config").json()["max_batch_size"] == 32
+        triton = triton_http.InferenceServerClient(f"127.0.0.1:{server.http_port}")
+        inp = triton_http.InferInput("input", list(ROWS.shape), "FP32")
+        inp.set_data_from_numpy(ROWS, binary_data=True)
+        assert triton.infer("tabular", [inp]).as_numpy("label").shape == (5,)
+    finally:
+        server.stop()
