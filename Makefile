@@ -44,8 +44,10 @@ pytest: setup system-deps
 
 test: lint typecheck pytest
 
-bench: setup system-deps models
-	$(PY) benchmarks/run.py
+# make bench [FAST=1] [BENCH_ARGS="--models tabular --with-triton ..."]; see benchmarks/README.md
+BENCH_ARGS ?=
+bench: setup system-deps
+	$(PY) benchmarks/run.py $(if $(filter 1,$(FAST)),--fast) $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) examples/models examples/artifacts .pytest_cache .mypy_cache .ruff_cache
