@@ -2,7 +2,7 @@
 
 Loading a version = fetch artifact -> verify sha256 -> runtime.load -> warm-up -> READY. A version
 that fails any step is UNAVAILABLE with the reason, and every other model keeps serving. Model code
-runs in a thread pool per version sized to its instance count, never on the event loop.
+runs in each version's Scheduler (its instance threads, with batching), never on the event loop.
 """
 
 from __future__ import annotations
@@ -97,7 +97,9 @@ class ModelManager:
         """Load every selected model; one failing model never stops the others."""
         names: list[str] = []
         try:
-            names = self.selected if self.selected else await asyncio.to_thread(self._list_models)
+            names = (
+                self.selected if self.selected else await asyncio.to_thread(self.repository_models)
+            )
         except InferplaneError as exc:
             log.error("cannot list the repository: %s", exc.message)
         for name in names:
@@ -107,7 +109,8 @@ class ModelManager:
                 log.error("model %s: %s", name, exc.message)
         self.started = True
 
-    def _list_models(self) -> list[str]:
+    def repository_models(self) -> list[str]:
+        """Model names in the repository, loaded or not (blocking I/O: call it in a thread)."""
         with self._repo_lock:
             return self.repository.list_models()
 

@@ -126,7 +126,7 @@ def statistics(
 
 async def list_repository(manager: ModelManager, ready_only: bool) -> list[dict[str, Any]]:
     """The repository index: every model in the repository or loaded, with its state."""
-    names = await asyncio.to_thread(manager._list_models)
+    names = await asyncio.to_thread(manager.repository_models)
     return repository_index(names, manager.models, ready_only)
 
 
