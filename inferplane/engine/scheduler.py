@@ -199,6 +199,11 @@ class Scheduler:
             while (batch := self._collect()) is not None:
                 try:
                     self._execute(batch)
+                except Exception as exc:
+                    # A fault outside the model (statistics, delivery) must not kill the instance
+                    # thread: its callers get a 500 and the thread keeps serving.
+                    log.exception("instance of %s failed outside the model", self.name)
+                    self._resolve(batch, None, InternalError(f"model {self.name}: {exc}"))
                 finally:
                     with self.cond:
                         self.executing -= len(batch)

@@ -312,3 +312,22 @@ async def test_close_finishes_queued_work_and_refuses_new(tmp_path: Path) -> Non
     assert [r["y"].tolist() for r in await asyncio.gather(*pending)] == [
         [2.0 * i] for i in range(5)
     ]
+
+
+async def test_a_fault_outside_the_model_does_not_kill_the_instance(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    calls = [0]
+
+    def flaky_record(timing: object) -> None:
+        calls[0] += 1
+        if calls[0] == 1:
+            raise RuntimeError("statistics sink broke")
+
+    scheduler = Scheduler(runtime, config, flaky_record)
+    from inferplane.errors import InternalError
+
+    with pytest.raises(InternalError, match="statistics sink broke"):
+        await scheduler.submit({"x": np.array([[1.0, 0.0]])}, None)
+    got = await asyncio.wait_for(scheduler.submit({"x": np.array([[2.0, 0.0]])}, None), 5)
+    assert got["y"].tolist() == [4.0]
+    scheduler.close()
