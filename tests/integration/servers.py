@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -12,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,12 +32,6 @@ ECHO_TYPES = {
     "i8": "INT8", "i16": "INT16", "i32": "INT32", "i64": "INT64",
     "f16": "FP16", "f32": "FP32", "f64": "FP64", "s": "BYTES",
 }  # fmt: skip
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -83,7 +78,7 @@ class ServerProcess:
 def start_server(
     repo: Path | str, log_dir: Path, *args: str, wait: bool = True, grpc: bool = True
 ) -> ServerProcess:
-    http_port, grpc_port = _free_port(), (_free_port() if grpc else 0)
+    http_port, grpc_port = free_port(), (free_port() if grpc else 0)
     log_path = log_dir / f"server-{http_port}.log"
     cmd = [
         sys.executable, "-m", "inferplane", "serve", "--repository", str(repo),

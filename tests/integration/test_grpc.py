@@ -13,17 +13,12 @@ and, for the direct decoding tests, our own stubs too (they live in a private de
 from __future__ import annotations
 
 import contextlib
-import os
 import queue
-import socket
-import subprocess
-import sys
 import textwrap
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +35,9 @@ from inferplane.repository.register import register
 from inferplane.repository.schema import Batching
 from inferplane.repository.store import Repository
 from inferplane.tensors import TensorSpec
+from tests.integration.servers import ServerProcess, start_server
 
 MAX_PAYLOAD_MB = 4  # small, so that the over-limit case stays cheap
-STARTUP_S = 90
 
 # Every datatype the echo model takes (BF16 has no numpy dtype tritonclient knows).
 ECHO_TYPES = {
@@ -149,82 +144,17 @@ def _build_repository(root: Path) -> str:
     return str(repo_dir)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass
-class Server:
-    http_url: str
-    grpc_url: str
-    log_path: Path
-
-    def client(self) -> grpcclient.InferenceServerClient:
-        return grpcclient.InferenceServerClient(self.grpc_url)
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-
-def _wait_ready(proc: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
-    deadline = time.monotonic() + STARTUP_S
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(
-                f"inferplane serve exited with {proc.returncode}:\n"
-                f"{log_path.read_text(errors='replace')[-3000:]}",
-                pytrace=False,
-            )
-        with (
-            contextlib.suppress(OSError),
-            urllib.request.urlopen(f"{url}/v2/health/ready", timeout=1) as resp,
-        ):
-            if resp.status == 200:
-                return
-        if time.monotonic() > deadline:
-            pytest.fail(
-                f"the server was not ready within {STARTUP_S} s:\n"
-                f"{log_path.read_text(errors='replace')[-3000:]}",
-                pytrace=False,
-            )
-        time.sleep(0.2)
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     root = tmp_path_factory.mktemp("grpc")
-    repo = _build_repository(root)
-    http_port, grpc_port = _free_port(), _free_port()
-    log_path = root / "server.log"
-    cmd = [
-        sys.executable, "-m", "inferplane", "serve",
-        "--repository", repo,
-        "--host", "127.0.0.1",
-        "--http-port", str(http_port),
-        "--grpc-port", str(grpc_port),
-        "--max-payload-mb", str(MAX_PAYLOAD_MB),
-    ]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    try:
-        http_url = f"http://127.0.0.1:{http_port}"
-        _wait_ready(proc, http_url, log_path)
-        yield Server(http_url, f"127.0.0.1:{grpc_port}", log_path)
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+    srv = start_server(_build_repository(root), root, "--max-payload-mb", str(MAX_PAYLOAD_MB))
+    yield srv
+    srv.stop()
 
 
 @pytest.fixture
-def client(server: Server) -> Iterator[grpcclient.InferenceServerClient]:
-    c = server.client()
+def client(server: ServerProcess) -> Iterator[grpcclient.InferenceServerClient]:
+    c = grpcclient.InferenceServerClient(server.grpc_target)
     try:
         yield c
     finally:
@@ -271,8 +201,8 @@ def _status(exc: InferenceServerException) -> str:
     return str(exc.status())
 
 
-def _stub(server: Server) -> tuple[grpc.Channel, service_pb2_grpc.GRPCInferenceServiceStub]:
-    channel = grpc.insecure_channel(server.grpc_url)
+def _stub(server: ServerProcess) -> tuple[grpc.Channel, service_pb2_grpc.GRPCInferenceServiceStub]:
+    channel = grpc.insecure_channel(server.grpc_target)
     return channel, service_pb2_grpc.GRPCInferenceServiceStub(channel)
 
 
@@ -287,8 +217,8 @@ def test_health(client: grpcclient.InferenceServerClient) -> None:
     assert client.is_model_ready("echo")
 
 
-def test_standard_health_service(server: Server) -> None:
-    with grpc.insecure_channel(server.grpc_url) as channel:
+def test_standard_health_service(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         for service in ("", "inference.GRPCInferenceService"):
             # The health service follows readiness by polling (every 0.2 s): allow it to catch up.
@@ -396,7 +326,7 @@ def test_infer_every_datatype(client: grpcclient.InferenceServerClient) -> None:
             np.testing.assert_array_equal(got, arr, err_msg=name)
 
 
-def test_typed_contents(server: Server) -> None:
+def test_typed_contents(server: ServerProcess) -> None:
     """Clients other than tritonclient send typed `contents` instead of raw bytes."""
     request = service_pb2.ModelInferRequest(model_name="echo_typed", id="typed")
     values: dict[str, tuple[str, list[Any]]] = {
@@ -473,8 +403,8 @@ def test_decode_inputs_in_process() -> None:
         decode_inputs(raw)
 
 
-async def test_aio_client(server: Server) -> None:
-    client = aio_grpcclient.InferenceServerClient(server.grpc_url)
+async def test_aio_client(server: ServerProcess) -> None:
+    client = aio_grpcclient.InferenceServerClient(server.grpc_target)
     try:
         assert await client.is_server_live()
         assert await client.is_model_ready("double")
@@ -548,7 +478,9 @@ def test_repository_index(client: grpcclient.InferenceServerClient) -> None:
     assert rows[("echo", "1")] == "READY"
 
 
-def test_unload_load_round_trip(server: Server, client: grpcclient.InferenceServerClient) -> None:
+def test_unload_load_round_trip(
+    server: ServerProcess, client: grpcclient.InferenceServerClient
+) -> None:
     x = np.ones((1, 4), dtype=np.float32)
     client.unload_model("double")
     try:
@@ -616,7 +548,7 @@ def test_bad_inputs(client: grpcclient.InferenceServerClient) -> None:
     _expect("StatusCode.INVALID_ARGUMENT", client.infer, "double", x, outputs=unknown_output)
 
 
-def test_bad_raw_contents(server: Server) -> None:
+def test_bad_raw_contents(server: ServerProcess) -> None:
     channel, stub = _stub(server)
     with channel:
         short = service_pb2.ModelInferRequest(model_name="double", raw_input_contents=[b"\0" * 15])
@@ -668,11 +600,13 @@ def test_deadline(client: grpcclient.InferenceServerClient) -> None:
     np.testing.assert_array_equal(slow.as_numpy("y"), [0.0])
 
 
-def test_metrics_count_grpc(server: Server, client: grpcclient.InferenceServerClient) -> None:
+def test_metrics_count_grpc(
+    server: ServerProcess, client: grpcclient.InferenceServerClient
+) -> None:
     client.infer("double", _double_inputs(np.ones((1, 4), dtype=np.float32)))
     with contextlib.suppress(InferenceServerException):
         client.infer("no_such_model", _double_inputs(np.ones((1, 4), dtype=np.float32)))
-    with urllib.request.urlopen(f"{server.http_url}/metrics", timeout=5) as resp:
+    with urllib.request.urlopen(f"{server.url}/metrics", timeout=5) as resp:
         text = resp.read().decode()
     lines = [ln for ln in text.splitlines() if ln.startswith("inferplane_requests_total{")]
     assert any(
