@@ -74,7 +74,7 @@ class InferEndpoint:
                     traceparent = value.decode("latin-1")
                 elif key == TIMEOUT_HEADER:
                     timeout_ms = value
-            body = await _read_body(receive, declared, deps.max_payload_bytes)
+            body = await read_body_limited(receive, declared, deps.max_payload_bytes)
             decoded = decode_request(body, header_len)
             context = RequestContext(
                 request_id=decoded.id,
@@ -133,7 +133,8 @@ class InferEndpoint:
             latency.observe(seconds)
 
 
-async def _read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+async def read_body_limited(receive: Receive, declared: bytes | None, limit: int) -> bytes:
+    """The whole request body, refused with 413 past `limit` (by Content-Length or as it streams)."""
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(
             f"request body of {declared.decode()} bytes exceeds the limit of {limit} bytes"

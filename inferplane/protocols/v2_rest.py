@@ -12,13 +12,14 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from inferplane.engine.manager import LoadedVersion, ModelEntry
-from inferplane.errors import BadRequest, InferplaneError, PayloadTooLarge
+from inferplane.errors import BadRequest, InferplaneError
 from inferplane.protocols import model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.v2_codec import (
     dumps,
     loads,
 )
+from inferplane.protocols.v2_infer_asgi import read_body_limited
 
 log = logging.getLogger("inferplane.rest")
 JSON = "application/json"
@@ -52,18 +53,9 @@ def guarded(handler: Handler) -> Handler:
 
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"request body of {declared} bytes exceeds the limit of {limit} bytes"
-        )
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)
+    return await read_body_limited(
+        request.receive, declared.encode() if declared is not None else None, limit
+    )
 
 
 def version_param(request: Request) -> str | None:

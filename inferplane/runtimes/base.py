@@ -80,6 +80,12 @@ class Runtime(ABC):
         return config.options.get(key, default)
 
 
+def feature_matrix(columns: Sequence[np.ndarray]) -> np.ndarray:
+    """The declared inputs, in order, as one feature matrix: a single input as it is, several as
+    its columns (or column blocks)."""
+    return columns[0] if len(columns) == 1 else np.column_stack(columns)
+
+
 def select(outputs: dict[str, np.ndarray], wanted: Sequence[str] | None) -> dict[str, np.ndarray]:
     return outputs if not wanted else {k: outputs[k] for k in wanted}
 

@@ -18,6 +18,7 @@ from inferplane.runtimes.base import (
     Signature,
     as_declared,
     check_outputs,
+    feature_matrix,
     threads_per_instance,
 )
 from inferplane.tensors import TensorSpec
@@ -62,7 +63,7 @@ class LightGBMRuntime(Runtime):
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         columns = [inputs[n] for n in self._inputs]
-        x = columns[0] if len(columns) == 1 else np.column_stack(columns)
+        x = feature_matrix(columns)
         result = np.asarray(
             self.booster.predict(x.astype(np.float64, copy=False), num_threads=self._threads)
         )

@@ -18,7 +18,7 @@ import numpy as np
 
 from inferplane.errors import RepositoryError
 from inferplane.repository.schema import ModelConfig, Optimized
-from inferplane.runtimes.base import Runtime, as_declared
+from inferplane.runtimes.base import Runtime, as_declared, feature_matrix
 from inferplane.runtimes.onnx import OnnxRuntime
 
 # The V2 platform of each runtime that can be optimized (kept here so that loading an optimized
@@ -105,7 +105,7 @@ class OptimizedRuntime(Runtime):
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         columns = [inputs[n] for n in self._inputs]
-        x = columns[0] if len(columns) == 1 else np.column_stack(columns)
+        x = feature_matrix(columns)
         x = x.astype(self._feed_dtype, copy=False)
         names = list(outputs) if outputs else self._all
         sources = list(dict.fromkeys(self._plan[n][0] for n in names))

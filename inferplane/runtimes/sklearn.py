@@ -14,7 +14,7 @@ import numpy as np
 import sklearn  # noqa: F401  # a missing scikit-learn is reported here, as the extra to install
 
 from inferplane.errors import RepositoryError
-from inferplane.runtimes.base import Runtime, Signature, as_declared
+from inferplane.runtimes.base import Runtime, Signature, as_declared, feature_matrix
 from inferplane.tensors import BYTES, TensorSpec, bytes_as_str
 
 # Methods that change the model or need labels: never reachable through an output name.
@@ -56,8 +56,7 @@ class SklearnRuntime(Runtime):
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         columns = [bytes_as_str(inputs[n]) if text else inputs[n] for n, text in self._inputs]
-        # Several declared inputs are the feature matrix's columns (or column blocks) in order.
-        x = columns[0] if len(columns) == 1 else np.column_stack(columns)
+        x = feature_matrix(columns)
         names = list(outputs) if outputs else list(self._methods)
         return as_declared(self.config, {n: self._methods[n](x) for n in names}, names)
 

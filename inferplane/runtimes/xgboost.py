@@ -20,6 +20,7 @@ from inferplane.runtimes.base import (
     Signature,
     as_declared,
     check_outputs,
+    feature_matrix,
     threads_per_instance,
 )
 from inferplane.tensors import TensorSpec
@@ -73,7 +74,7 @@ class XGBoostRuntime(Runtime):
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
         columns = [inputs[n] for n in self._inputs]
-        x = columns[0] if len(columns) == 1 else np.column_stack(columns)
+        x = feature_matrix(columns)
         result = np.asarray(self.booster.inplace_predict(x))
         results = {"predict": result}
         if self._objective == "multi:softprob":
