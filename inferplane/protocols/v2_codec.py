@@ -21,7 +21,7 @@ from inferplane.tensors import (
     to_raw,
 )
 
-HEADER_LENGTH = "inference-header-content-length"
+HEADER_LENGTH = b"inference-header-content-length"  # binary tensor extension
 TIMEOUT_HEADER = b"x-inferplane-timeout-ms"  # REST; gRPC uses its own deadlines
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 

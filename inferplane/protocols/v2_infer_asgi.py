@@ -18,6 +18,7 @@ from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
 from inferplane.protocols.v2_codec import (
+    HEADER_LENGTH,
     TIMEOUT_HEADER,
     decode_request,
     dumps,
@@ -68,7 +69,7 @@ class InferEndpoint:
             for key, value in scope["headers"]:
                 if key == b"content-length":
                     declared = value
-                elif key == b"inference-header-content-length":
+                elif key == HEADER_LENGTH:
                     header_len = value.decode("latin-1")
                 elif key == b"traceparent":
                     traceparent = value.decode("latin-1")

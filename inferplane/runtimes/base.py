@@ -86,10 +86,6 @@ def feature_matrix(columns: Sequence[np.ndarray]) -> np.ndarray:
     return columns[0] if len(columns) == 1 else np.column_stack(columns)
 
 
-def select(outputs: dict[str, np.ndarray], wanted: Sequence[str] | None) -> dict[str, np.ndarray]:
-    return outputs if not wanted else {k: outputs[k] for k in wanted}
-
-
 def threads_per_instance(config: ModelConfig) -> int:
     """Intra-op threads for one instance so that all instances together fit the cores."""
     explicit = config.options.get("intra_op_threads")
