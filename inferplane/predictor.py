@@ -1,14 +1,16 @@
 """The interface that online serving, streaming and batch all call, and its in-process form.
 
-`InProcessPredictor` runs edge validation -> routing -> engine in this process. A remote
-implementation (a V2 client) will satisfy the same protocol for model-as-a-service deployments.
+`InProcessPredictor` runs edge validation -> routing -> engine in this process;
+`inferplane.remote.RemotePredictor` (a V2 HTTP client) satisfies the same protocol for
+model-as-a-service deployments. `open_predictor` picks one from a command's options.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -17,7 +19,10 @@ import numpy as np
 from inferplane.edge.validation import validate_inputs
 from inferplane.engine.manager import ModelManager
 from inferplane.errors import BadRequest, InferplaneError, InternalError
+from inferplane.observability.metrics import Metrics
+from inferplane.repository.store import Repository
 from inferplane.routing.router import Router
+from inferplane.tensors import TensorSpec
 
 
 @dataclass(slots=True)
@@ -38,7 +43,20 @@ class Prediction:
     route: str = "direct"
 
 
+@dataclass(slots=True)
+class Signature:
+    """What a target answers with today: the version a request without a version would reach."""
+
+    model_name: str
+    model_version: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    max_batch_size: int = 0
+
+
 class Predictor(Protocol):
+    async def signature(self, target: str, version: str | None = None) -> Signature: ...
+
     async def predict(
         self,
         target: str,
@@ -54,6 +72,13 @@ class InProcessPredictor:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
         self.router = Router(manager)
+
+    async def signature(self, target: str, version: str | None = None) -> Signature:
+        lv, _ = self.router.resolve(target, version)
+        cfg = lv.config
+        return Signature(
+            lv.name, lv.version, cfg.input_specs(), cfg.output_specs(), cfg.max_batch_size
+        )
 
     async def predict(
         self,
@@ -91,6 +116,34 @@ class InProcessPredictor:
         finally:
             lv.stats.record_request(ok, time.perf_counter_ns() - started)
         return Prediction(result, lv.name, lv.version, route)
+
+
+@contextlib.asynccontextmanager
+async def open_predictor(
+    *, repository: str | None = None, server: str | None = None, models: Sequence[str] = ()
+) -> AsyncIterator[Predictor]:
+    """The predictor a streaming or batch command asked for: exactly one of the two options.
+
+    In-process, the named models (default: all) are loaded and warmed before this yields.
+    """
+    if (repository is None) == (server is None):
+        raise BadRequest("give exactly one of --repository (in-process) and --server (remote)")
+    if server is not None:
+        from inferplane.remote import RemotePredictor
+
+        remote = RemotePredictor(server)
+        try:
+            yield remote
+        finally:
+            await remote.aclose()
+        return
+    assert repository is not None
+    manager = ModelManager(Repository(repository), Metrics(), list(models) or None)
+    try:
+        await manager.load_initial()
+        yield InProcessPredictor(manager)
+    finally:
+        await manager.close()
 
 
 def _is_invalid_argument(exc: Exception) -> bool:
