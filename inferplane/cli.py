@@ -332,6 +332,14 @@ def version() -> None:
     console.print(f"inferplane {__version__}", highlight=False)
 
 
+# Commands that live beside their feature: each module defines plain typer command functions
+# (Annotated options, no app of its own) and raises InferplaneError for user mistakes.
+# One block per feature, so that features can be added without touching each other.
+# -- stream (inferplane/streaming/command.py) --
+# -- batch (inferplane/batch/command.py) --
+# -- audit (inferplane/observability/audit_command.py) --
+
+
 def main() -> None:
     app(prog_name="inferplane")
 

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Debian packages the test suite and tools need, installed only when missing (root: apt-get;
 # otherwise a message naming the packages).
-#   libb64-0d  - perf_analyzer (from tritonclient 2.51) links libb64.so.0d
+#   libb64-0d     - perf_analyzer (from tritonclient 2.51) links libb64.so.0d
+#   redis-server  - the streaming tests run a real Redis on a loopback port
 set -euo pipefail
 need=()
 ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d' || need+=(libb64-0d)
+command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || need+=(redis-server)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages: ${need[*]} (run: sudo apt-get install -y ${need[*]})" >&2
