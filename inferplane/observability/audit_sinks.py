@@ -1,0 +1,315 @@
+"""Audit sinks (SQLite, JSONL, Parquet) and reading their records back.
+
+A sink spec is a path (SQLite, the default; `*.jsonl` means JSONL) or `kind:path` with kind
+`sqlite`, `jsonl` or `parquet`; `kind:///abs/path` and `kind:/abs/path` are both absolute.
+"""
+
+from __future__ import annotations
+
+import heapq
+import operator
+import os
+import re
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from inferplane.errors import BadRequest, MissingExtra, NotFound
+from inferplane.observability.audit import FIELDS, AuditRecord, AuditSink
+
+KINDS = ("sqlite", "jsonl", "parquet")
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)  # 2+ letters: not C:\
+_row = operator.attrgetter(*FIELDS)
+
+
+def parse_spec(spec: str) -> tuple[str, str]:
+    """(kind, path) of a sink spec."""
+    text = spec.strip()
+    if not text:
+        raise BadRequest("the audit sink is empty; give a path such as ./inferplane-audit.db")
+    match = _SCHEME.match(text)
+    if match:
+        kind, path = match.group(1).lower(), match.group(2)
+        if kind not in KINDS:
+            raise BadRequest(
+                f"unknown audit sink kind '{kind}:' in '{spec}'; use a path (SQLite), "
+                "sqlite:PATH, jsonl:PATH or parquet:DIR"
+            )
+        if path.startswith("//"):
+            path = path[2:]
+        if not path:
+            raise BadRequest(f"the audit sink '{spec}' names no path")
+        return kind, path
+    if Path(text).suffix.lower() in (".jsonl", ".ndjson"):
+        return "jsonl", text
+    return "sqlite", text
+
+
+def open_sink(spec: str) -> AuditSink:
+    kind, path = parse_spec(spec)
+    if kind == "jsonl":
+        return JsonlSink(path)
+    if kind == "parquet":
+        return ParquetSink(path)
+    return SQLiteSink(path)
+
+
+# -- SQLite ------------------------------------------------------------------------------------
+
+_SQL_TYPES = {"time": "REAL", "latency_ms": "REAL", "status": "INTEGER"}
+_CREATE = (
+    "CREATE TABLE IF NOT EXISTS audit ("
+    + ", ".join(f"{name} {_SQL_TYPES.get(name, 'TEXT')}" for name in FIELDS)
+    + ")"
+)
+_INSERT = f"INSERT INTO audit ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+
+
+class SQLiteSink:
+    """One table `audit`, indexed on request_id and time; one transaction per batch.
+
+    WAL lets `inferplane audit` read while the server writes, and several processes (replicas,
+    stream workers) share one file; synchronous=NORMAL survives a process crash, not power loss.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.description = f"sqlite:{self.path}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # Opened here so a bad path fails at startup; used by the writer thread only after.
+            self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=NORMAL")
+            with self._conn:
+                self._conn.execute(_CREATE)
+                self._conn.execute(
+                    "CREATE INDEX IF NOT EXISTS audit_request_id ON audit (request_id)"
+                )
+                self._conn.execute("CREATE INDEX IF NOT EXISTS audit_time ON audit (time)")
+        except (OSError, sqlite3.Error) as exc:
+            raise BadRequest(f"cannot open the audit database '{self.path}': {exc}") from None
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        with self._conn:
+            self._conn.executemany(_INSERT, map(_row, records))
+
+    def close(self) -> None:
+        self._conn.close()
+
+
+# -- JSON lines --------------------------------------------------------------------------------
+
+
+class JsonlSink:
+    """One JSON object per line, appended; the file is flushed after every batch."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.description = f"jsonl:{self.path}"
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "ab")  # noqa: SIM115 - open for the sink's lifetime
+        except OSError as exc:
+            raise BadRequest(f"cannot open the audit file '{self.path}': {exc}") from None
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        # One write per batch: O_APPEND keeps batches of several processes from interleaving.
+        self._file.write(b"".join([orjson.dumps(r) + b"\n" for r in records]))
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+# -- Parquet -----------------------------------------------------------------------------------
+
+
+def _arrow_schema() -> Any:
+    try:
+        import pyarrow as pa
+    except ImportError:
+        raise MissingExtra("pyarrow", "batch") from None
+    types = {"time": pa.float64(), "latency_ms": pa.float64(), "status": pa.int32()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in FIELDS])
+
+
+class ParquetSink:
+    """A folder of Parquet files, one per written batch (readable as one dataset)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.schema = _arrow_schema()
+        self.path = Path(path)
+        self.description = f"parquet:{self.path}"
+        self._seq = 0
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadRequest(f"cannot create the audit folder '{self.path}': {exc}") from None
+
+    def write(self, records: Sequence[AuditRecord]) -> None:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = list(zip(*map(_row, records), strict=True))
+        table = pa.table(
+            {
+                name: pa.array(col, type=self.schema.field(name).type)
+                for name, col in zip(FIELDS, columns, strict=True)
+            },
+            schema=self.schema,
+        )
+        self._seq += 1
+        name = f"audit-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.parquet"
+        # Readers skip dot files, so a half-written batch is never read.
+        tmp = self.path / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        os.replace(tmp, self.path / name)
+
+    def close(self) -> None:
+        pass
+
+
+# -- reading records back ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Filter:
+    request_id: str | None
+    since: float | None  # epoch seconds
+    service: str | None
+    model: str | None
+    status: int | None
+
+    def matches(self, rec: dict[str, Any]) -> bool:
+        return (
+            (self.request_id is None or rec.get("request_id") == self.request_id)
+            and (self.since is None or (rec.get("time") or 0.0) >= self.since)
+            and (self.service is None or rec.get("service") == self.service)
+            and (self.model is None or rec.get("model") == self.model)
+            and (self.status is None or rec.get("status") == self.status)
+        )
+
+
+def query(
+    spec_or_path: str,
+    *,
+    request_id: str | None = None,
+    since_s: float | None = None,
+    service: str | None = None,
+    model: str | None = None,
+    status: int | None = None,
+    limit: int = 100,
+) -> list[AuditRecord]:
+    if limit < 1:
+        raise BadRequest(f"limit must be >= 1, got {limit}")
+    if since_s is not None and since_s < 0:
+        raise BadRequest(f"since must be >= 0 seconds, got {since_s}")
+    flt = _Filter(
+        request_id=request_id,
+        since=None if since_s is None else time.time() - since_s,
+        service=service,
+        model=model,
+        status=status,
+    )
+    kind, path = parse_spec(spec_or_path)
+    readers: dict[str, Callable[[Path, _Filter, int], list[AuditRecord]]] = {
+        "sqlite": _query_sqlite,
+        "jsonl": _query_jsonl,
+        "parquet": _query_parquet,
+    }
+    where = Path(path)
+    if not where.exists():
+        what = (
+            "audit folder"
+            if kind == "parquet"
+            else "audit database"
+            if kind == "sqlite"
+            else "audit file"
+        )
+        raise NotFound(f"{what} '{path}' does not exist")
+    return readers[kind](where, flt, limit)
+
+
+def _record(row: dict[str, Any]) -> AuditRecord:
+    return AuditRecord(**{name: row[name] for name in FIELDS if name in row})
+
+
+def _latest(rows: Iterable[dict[str, Any]], limit: int) -> list[AuditRecord]:
+    newest = heapq.nlargest(limit, rows, key=lambda r: r.get("time") or 0.0)
+    return [_record(r) for r in reversed(newest)]
+
+
+def _query_sqlite(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
+    clauses: list[str] = []
+    params: list[Any] = []
+    for column, value, op in (
+        ("request_id", flt.request_id, "="),
+        ("time", flt.since, ">="),
+        ("service", flt.service, "="),
+        ("model", flt.model, "="),
+        ("status", flt.status, "="),
+    ):
+        if value is not None:
+            clauses.append(f"{column} {op} ?")
+            params.append(value)
+    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+    sql = f"SELECT {', '.join(FIELDS)} FROM audit{where} ORDER BY time DESC LIMIT ?"
+    try:
+        conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
+        try:
+            rows = conn.execute(sql, [*params, limit]).fetchall()
+        finally:
+            conn.close()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):
+            raise BadRequest(
+                f"'{path}' is not an inferplane audit database (no audit table)"
+            ) from None
+        raise BadRequest(f"cannot read the audit database '{path}': {exc}") from None
+    except sqlite3.DatabaseError as exc:
+        raise BadRequest(f"'{path}' is not an audit database: {exc}") from None
+    return [AuditRecord(*row) for row in reversed(rows)]
+
+
+def _query_jsonl(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
+    def rows() -> Iterable[dict[str, Any]]:
+        with open(path, "rb") as lines:
+            for line in lines:
+                try:
+                    row = orjson.loads(line)
+                except orjson.JSONDecodeError:
+                    continue  # a line another process is still writing
+                if isinstance(row, dict) and flt.matches(row):
+                    yield row
+
+    try:
+        return _latest(rows(), limit)
+    except OSError as exc:
+        raise BadRequest(f"cannot read the audit file '{path}': {exc}") from None
+
+
+def _query_parquet(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
+    schema = _arrow_schema()
+    import pyarrow.dataset as ds
+
+    expr = None
+    for column, value in (
+        ("request_id", flt.request_id),
+        ("service", flt.service),
+        ("model", flt.model),
+        ("status", flt.status),
+    ):
+        if value is not None:
+            term = ds.field(column) == value
+            expr = term if expr is None else expr & term
+    if flt.since is not None:
+        term = ds.field("time") >= flt.since
+        expr = term if expr is None else expr & term
+    table = ds.dataset(path, format="parquet", schema=schema).to_table(filter=expr)
+    return _latest(table.to_pylist(), limit)
