@@ -338,6 +338,9 @@ def version() -> None:
 # -- stream (inferplane/streaming/command.py) --
 # -- batch (inferplane/batch/command.py) --
 # -- audit (inferplane/observability/audit_command.py) --
+from inferplane.observability.audit_command import audit_command  # noqa: E402
+
+app.command("audit")(one_line_errors(audit_command))
 
 
 def main() -> None:
