@@ -84,8 +84,27 @@ def serve(
             "that failed to load is reported but does not hold the server out of traffic."
         ),
     ] = False,
+    services: Annotated[
+        str | None,
+        typer.Option(
+            help="Traffic policy file (services, canary, A/B, shadow, fallback); default: "
+            "<repository>/services.yaml when it exists. See docs/traffic.md."
+        ),
+    ] = None,
+    watch: Annotated[
+        bool, typer.Option(help="Re-read the policy file when it changes (every second).")
+    ] = False,
+    audit_sink: Annotated[
+        str,
+        typer.Option(
+            envvar="INFERPLANE_AUDIT",
+            help="Audit trail sink: a SQLite file, jsonl:PATH or parquet:DIR; 'none' turns "
+            "auditing off. See docs/audit.md.",
+        ),
+    ] = "./inferplane-audit.db",
 ) -> None:
     """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
+    from inferplane.routing.policy_source import default_services_url, read_policy
     from inferplane.server import ServerSettings, run
 
     if http_server not in ("granian", "uvicorn"):
@@ -95,6 +114,10 @@ def serve(
         raise typer.BadParameter(
             f"repository '{repository}' does not exist", param_hint="--repository"
         )
+    # A policy file that cannot be right whatever models load fails here, before serving.
+    policy_url = services or default_services_url(repository)
+    if read_policy(policy_url) is None and services is not None:
+        raise typer.BadParameter(f"'{services}' does not exist", param_hint="--services")
     run(
         ServerSettings(
             repository=repository,
@@ -106,6 +129,9 @@ def serve(
             log_level=log_level.lower(),
             strict_readiness=strict_readiness,
             http_server=http_server,
+            services=services,
+            watch=watch,
+            audit_sink=None if audit_sink.lower() in ("", "none", "off") else audit_sink,
         )
     )
 
@@ -336,6 +362,9 @@ def version() -> None:
 # (Annotated options, no app of its own) and raises InferplaneError for user mistakes.
 # One block per feature, so that features can be added without touching each other.
 # -- stream (inferplane/streaming/command.py) --
+from inferplane.streaming.command import stream_command  # noqa: E402
+
+app.command("stream")(one_line_errors(stream_command))
 # -- batch (inferplane/batch/command.py) --
 # -- audit (inferplane/observability/audit_command.py) --
 from inferplane.observability.audit_command import audit_command  # noqa: E402

@@ -1,0 +1,250 @@
+"""Kafka (and Kafka-compatible brokers): consumer groups, manual commits, idempotent acks=all producer.
+
+URL: `kafka://host:port[,host:port...]/TOPIC`; query parameters are passed to librdkafka as they
+are (e.g. `?session.timeout.ms=6000&security.protocol=SSL`). Offsets are committed only for events
+whose outputs were delivered, in the order they were read, so a restart or a rebalance re-reads at
+most the work that was in flight. Producers use acks=all and enable.idempotence, so a write counts
+as accepted only when every in-sync replica has it, and retries never reorder or duplicate it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from confluent_kafka import (
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+
+from inferplane.errors import BadRequest, Unavailable
+from inferplane.streaming.connector import BrokerURL, Event, Record, SourceOptions
+
+log = logging.getLogger("inferplane.stream.kafka")
+T = TypeVar("T")
+
+
+def _topic(url: BrokerURL) -> str:
+    topic = url.path.strip("/")
+    if not topic or "/" in topic:
+        raise BadRequest(
+            f"kafka URL kafka://{url.hosts}{url.path} needs exactly one topic: "
+            "kafka://host:port/TOPIC"
+        )
+    return topic
+
+
+class _Thread:
+    """librdkafka handles are driven from one thread: calls run there in order, off the loop."""
+
+    def __init__(self, name: str) -> None:
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix=name)
+
+    async def run(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.pool, lambda: fn(*args, **kwargs))
+
+    def shutdown(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+class KafkaSource:
+    def __init__(self, url: BrokerURL, options: SourceOptions) -> None:
+        self.topic = _topic(url)
+        self.name = f"kafka:{self.topic}"
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": url.hosts,
+            "group.id": options.group,
+            "client.id": options.consumer,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "auto.offset.reset": options.start,
+            "on_commit": self._on_commit,
+            **url.query,
+        }
+        self.thread = _Thread("kafka-consumer")
+        self.consumer: Consumer | None = None
+        self._seen: dict[int, int] = {}  # partition -> highest offset read by this process
+        self._acked: dict[int, int] = {}  # partition -> next offset to commit
+
+    @staticmethod
+    def _on_commit(err: KafkaError | None, partitions: list[TopicPartition]) -> None:
+        if err is not None:
+            # A commit lost to a rebalance only means the next owner re-reads (at-least-once).
+            log.warning("offset commit failed: %s", err)
+
+    async def start(self) -> None:
+        def make() -> Consumer:
+            consumer = Consumer(self.config)
+            consumer.subscribe([self.topic])
+            return consumer
+
+        try:
+            self.consumer = await self.thread.run(make)
+        except KafkaException as exc:
+            raise Unavailable(f"kafka consumer for '{self.topic}' failed: {exc}") from exc
+
+    async def fetch(self, max_events: int, timeout_s: float) -> list[Event]:
+        assert self.consumer is not None
+        messages = await self.thread.run(self.consumer.consume, max_events, timeout_s)
+        return [e for e in (self._event(m) for m in messages) if e is not None]
+
+    def _event(self, msg: Message) -> Event | None:
+        err = msg.error()
+        if err is not None:
+            if err.code() != KafkaError._PARTITION_EOF:
+                log.warning("kafka consume error: %s", err)
+            return None
+        partition, offset = msg.partition() or 0, msg.offset() or 0
+        seen = self._seen.get(partition, -1)
+        if offset > seen:
+            self._seen[partition] = offset
+        kind, ts = msg.timestamp()
+        headers: dict[str, str] = {}
+        raw = msg.headers() or []
+        # Consumed messages carry headers as (name, bytes) pairs; the type also allows a dict.
+        for name, value in raw.items() if isinstance(raw, dict) else raw:
+            headers[name] = (
+                value.decode(errors="replace") if isinstance(value, bytes) else value or ""
+            )
+        topic = msg.topic() or self.topic
+        return Event(
+            payload=msg.value() or b"",
+            key=msg.key(),
+            headers=headers,
+            message_id=str(offset),
+            output_id=f"{topic}:{partition}:{offset}",
+            position={"topic": topic, "partition": partition, "offset": offset},
+            timestamp_ms=None if kind == TIMESTAMP_NOT_AVAILABLE else ts,
+            redelivered=offset <= seen,
+            token=(topic, partition, offset),
+        )
+
+    async def ack(self, events: Sequence[Event]) -> None:
+        assert self.consumer is not None
+        latest: dict[tuple[str, int], int] = {}
+        for e in events:
+            topic, partition, offset = e.token
+            latest[(topic, partition)] = max(latest.get((topic, partition), -1), offset + 1)
+        for (_, partition), nxt in latest.items():
+            self._acked[partition] = nxt
+        offsets = [TopicPartition(t, p, o) for (t, p), o in latest.items()]
+        consumer = self.consumer
+
+        def commit() -> None:
+            try:
+                consumer.commit(offsets=offsets, asynchronous=True)
+            except KafkaException as exc:
+                log.warning("offset commit failed: %s", exc)
+
+        await self.thread.run(commit)
+
+    async def lag(self) -> int | None:
+        assert self.consumer is not None
+        consumer = self.consumer
+
+        def measure() -> int | None:
+            assigned = consumer.assignment()
+            if not assigned:
+                return None
+            total = 0
+            for tp in consumer.committed(assigned, timeout=5):
+                low, high = consumer.get_watermark_offsets(tp, timeout=5, cached=False)
+                start = tp.offset if tp.offset >= 0 else low
+                total += max(0, high - start)
+            return total
+
+        try:
+            return await self.thread.run(measure)
+        except KafkaException as exc:
+            log.debug("kafka lag unavailable: %s", exc)
+            return None
+
+    async def close(self) -> None:
+        consumer = self.consumer
+        if consumer is None:
+            return
+        offsets = [TopicPartition(self.topic, p, o) for p, o in self._acked.items()]
+
+        def finish() -> None:
+            if offsets:
+                try:
+                    # The last acknowledgements, synchronously: a clean stop re-reads nothing.
+                    consumer.commit(offsets=offsets, asynchronous=False)
+                except KafkaException as exc:
+                    log.warning("final offset commit failed: %s", exc)
+            consumer.close()
+
+        await self.thread.run(finish)
+        self.thread.shutdown()
+        self.consumer = None
+
+
+class KafkaSink:
+    def __init__(self, url: BrokerURL) -> None:
+        self.topic = _topic(url)
+        self.name = f"kafka:{self.topic}"
+        self.config: dict[str, Any] = {
+            "bootstrap.servers": url.hosts,
+            "acks": "all",
+            "enable.idempotence": True,
+            "linger.ms": 2,
+            **url.query,
+        }
+        self.thread = _Thread("kafka-producer")
+        self.producer: Producer | None = None
+
+    async def start(self) -> None:
+        try:
+            self.producer = await self.thread.run(Producer, self.config)
+        except KafkaException as exc:
+            raise Unavailable(f"kafka producer for '{self.topic}' failed: {exc}") from exc
+
+    async def write(self, records: Sequence[Record]) -> None:
+        if not records:
+            return
+        assert self.producer is not None
+        producer, topic = self.producer, self.topic
+
+        def send() -> None:
+            errors: list[KafkaError] = []
+
+            def delivered(err: KafkaError | None, _msg: Message) -> None:
+                if err is not None:
+                    errors.append(err)
+
+            for record in records:
+                headers: list[tuple[str, str | bytes | None]] = list(record.headers.items())
+                while True:
+                    try:
+                        producer.produce(
+                            topic,
+                            value=record.value,
+                            key=record.key,
+                            headers=headers,
+                            on_delivery=delivered,
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.05)  # the local queue is full: let deliveries drain
+            left = producer.flush(30)
+            if left:
+                raise Unavailable(f"kafka did not confirm {left} records to '{topic}' within 30 s")
+            if errors:
+                raise Unavailable(f"kafka refused records to '{topic}': {errors[0]}")
+
+        await self.thread.run(send)
+
+    async def close(self) -> None:
+        if self.producer is not None:
+            await self.thread.run(self.producer.flush, 30)
+            self.producer = None
+        self.thread.shutdown()
