@@ -9,30 +9,22 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
+from inferplane.context import RequestContext
 from inferplane.edge.validation import validate_inputs
-from inferplane.engine.manager import ModelManager
+from inferplane.engine.manager import LoadedVersion, ModelManager
 from inferplane.errors import BadRequest, InferplaneError, InternalError
+from inferplane.observability.audit import AuditLog, AuditRecord, payload_hash, payload_json
 from inferplane.observability.metrics import Metrics
 from inferplane.repository.store import Repository
 from inferplane.routing.router import Router
+from inferplane.routing.services import Services
 from inferplane.tensors import TensorSpec
-
-
-@dataclass(slots=True)
-class RequestContext:
-    request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    tenant: str | None = None
-    deadline: float | None = None  # time.monotonic() after which the work is useless
-    headers: Mapping[str, str] = field(default_factory=dict)
-    traceparent: str | None = None
-    priority: int = 0  # 0 = default; 1 is the highest of the model's priority levels
 
 
 @dataclass(slots=True)
@@ -69,9 +61,19 @@ class Predictor(Protocol):
 
 
 class InProcessPredictor:
-    def __init__(self, manager: ModelManager) -> None:
+    """edge validation -> routing (services, or a model's version) -> engine, in this process.
+
+    Every call, whatever its outcome, leaves one audit record when an `AuditLog` is attached.
+    """
+
+    def __init__(self, manager: ModelManager, audit: AuditLog | None = None) -> None:
         self.manager = manager
         self.router = Router(manager)
+        self.services = Services(self.router, self._run, manager.metrics)
+        self.audit = audit
+
+    def is_service(self, target: str) -> bool:
+        return target in self.services.compiled
 
     async def signature(self, target: str, version: str | None = None) -> Signature:
         lv, _ = self.router.resolve(target, version)
@@ -89,15 +91,69 @@ class InProcessPredictor:
         outputs: Sequence[str] | None = None,
         context: RequestContext,
     ) -> Prediction:
+        audit = self.audit
+        if audit is None:
+            return await self._predict(target, inputs, version, outputs, context)
+        arrived, started = time.time(), time.perf_counter()
+        prediction: Prediction | None = None
+        status, error = 500, None
+        try:
+            prediction = await self._predict(target, inputs, version, outputs, context)
+            status = 200
+            return prediction
+        except InferplaneError as exc:
+            status, error = exc.status, exc.message
+            raise
+        finally:
+            record = AuditRecord(
+                request_id=context.request_id,
+                time=arrived,
+                service=target,
+                model=prediction.model_name if prediction else "",
+                version=prediction.model_version if prediction else (version or ""),
+                route=prediction.route if prediction else "",
+                latency_ms=(time.perf_counter() - started) * 1000,
+                status=status,
+                tenant=context.tenant,
+                error=error,
+                pattern=context.pattern,
+            )
+            if audit.wants_payload():
+                record.payload_hash = payload_hash(inputs)
+                record.payload = payload_json(inputs)
+            audit.record(record)
+
+    async def _predict(
+        self,
+        target: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str | None,
+        outputs: Sequence[str] | None,
+        context: RequestContext,
+    ) -> Prediction:
+        if version is None and target in self.services.compiled:
+            routed = await self.services.predict(target, inputs, outputs, context)
+            return Prediction(routed.outputs, routed.model, routed.version, routed.route)
         lv, route = self.router.resolve(target, version)
+        result = await self._run(lv, inputs, outputs, context.deadline, context.priority)
+        return Prediction(result, lv.name, lv.version, route)
+
+    async def _run(
+        self,
+        lv: LoadedVersion,
+        inputs: Mapping[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None,
+        priority: int,
+    ) -> dict[str, np.ndarray]:
+        """One version, validated and counted; framework errors mapped to ours."""
         validate_inputs(lv.config, inputs, outputs)
         started = time.perf_counter_ns()
         ok = False
         try:
-            result = await self.manager.infer(
-                lv, dict(inputs), outputs, context.deadline, context.priority
-            )
+            result = await self.manager.infer(lv, dict(inputs), outputs, deadline, priority)
             ok = True
+            return result
         except InferplaneError:
             raise
         except (ValueError, TypeError) as exc:
@@ -115,7 +171,6 @@ class InProcessPredictor:
             ) from exc
         finally:
             lv.stats.record_request(ok, time.perf_counter_ns() - started)
-        return Prediction(result, lv.name, lv.version, route)
 
 
 @contextlib.asynccontextmanager

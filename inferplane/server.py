@@ -13,12 +13,14 @@ import uvicorn
 from starlette.applications import Starlette
 
 from inferplane.engine.manager import ModelManager
+from inferplane.observability.audit import AuditLog, open_sink
 from inferplane.observability.metrics import Metrics
 from inferplane.predictor import InProcessPredictor
-from inferplane.protocols import v1_rest, v2_rest
+from inferplane.protocols import services_rest, v1_rest, v2_rest
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
 from inferplane.repository.store import Repository
+from inferplane.routing.policy_source import PolicySource, default_services_url
 
 log = logging.getLogger("inferplane.server")
 
@@ -34,6 +36,9 @@ class ServerSettings:
     log_level: str = "info"
     strict_readiness: bool = False
     http_server: str = "uvicorn"  # or "granian" (see docs/serving.md for the measurement)
+    services: str | None = None  # traffic policy file; default: <repository>/services.yaml if any
+    watch: bool = False  # re-read the policy file when it changes
+    audit_sink: str | None = None  # audit trail sink (see docs/audit.md); None: no audit
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -45,11 +50,24 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         strict_readiness=settings.strict_readiness,
     )
     metrics.inflight.set_function(lambda: manager.inflight)
+    audit = (
+        AuditLog(open_sink(settings.audit_sink), registry=metrics.registry)
+        if settings.audit_sink
+        else None
+    )
+    predictor = InProcessPredictor(manager, audit)
+    policy = PolicySource(
+        settings.services or default_services_url(settings.repository),
+        predictor.services,
+        required=settings.services is not None,
+    )
     return ServingDeps(
         manager=manager,
-        predictor=InProcessPredictor(manager),
+        predictor=predictor,
         metrics=metrics,
         max_payload_bytes=settings.max_payload_bytes,
+        policy=policy,
+        watch_policy=settings.watch,
     )
 
 
@@ -57,13 +75,29 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: /v2/health/live answers at once, /ready once models are warm.
-        task = asyncio.create_task(deps.manager.load_initial())
+        tasks = [asyncio.create_task(_start(deps))]
         yield
-        task.cancel()
+        for task in tasks:
+            task.cancel()
+        await deps.predictor.services.drain_shadows()
         await deps.manager.close()
+        if deps.predictor.audit is not None:
+            await asyncio.to_thread(deps.predictor.audit.close)
 
-    routes = v2_rest.build_routes(deps) + v1_rest.build_routes(deps)
+    routes = (
+        v2_rest.build_routes(deps) + v1_rest.build_routes(deps) + services_rest.build_routes(deps)
+    )
     return InferEndpoint(deps, Starlette(routes=routes, lifespan=lifespan))
+
+
+async def _start(deps: ServingDeps) -> None:
+    """Models first, then the traffic policy that refers to them, then watch the policy."""
+    await deps.manager.load_initial()
+    if deps.policy is None:
+        return
+    await asyncio.to_thread(deps.policy.load_logged)
+    if deps.watch_policy:
+        await deps.policy.watch()
 
 
 async def serve(settings: ServerSettings) -> None:

@@ -74,6 +74,62 @@ class Metrics:
             registry=r,
         )
 
+        # Traffic policies (services): what answered, what the shadow saw, what failed over.
+        self.route_decisions = Counter(
+            "inferplane_route_decisions_total",
+            "Service calls by the route that answered them (primary, canary, ab:<rule>, "
+            "fallback, cache) and the model version behind it.",
+            ["service", "route", "model", "version"],
+            registry=r,
+        )
+        self.fallbacks = Counter(
+            "inferplane_fallbacks_total",
+            "Service calls whose chosen route failed, by what answered instead (fallback, cache, "
+            "none) and why the route failed (the error's status code).",
+            ["service", "answered_by", "reason"],
+            registry=r,
+        )
+        self.breaker_state = Gauge(
+            "inferplane_circuit_breaker_state",
+            "Circuit breaker of a model version: 0 closed, 1 open, 2 half-open.",
+            ["model", "version"],
+            registry=r,
+        )
+        self.shadow_requests = Counter(
+            "inferplane_shadow_requests_total",
+            "Copies of service traffic sent to a shadow version, by outcome (ok, error, skipped).",
+            ["service", "model", "version", "outcome"],
+            registry=r,
+        )
+        self.shadow_latency = Histogram(
+            "inferplane_shadow_duration_seconds",
+            "Time a shadow version took to answer its copy of a request.",
+            ["service", "model", "version"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.shadow_rows = Counter(
+            "inferplane_shadow_compared_rows_total",
+            "Rows of an output compared between the primary and its shadow.",
+            ["service", "model", "version", "output"],
+            registry=r,
+        )
+        self.shadow_disagreements = Counter(
+            "inferplane_shadow_disagreeing_rows_total",
+            "Rows of an integer/label output where the shadow answered differently from the "
+            "primary; divide by inferplane_shadow_compared_rows_total for the disagreement rate.",
+            ["service", "model", "version", "output"],
+            registry=r,
+        )
+        self.shadow_abs_diff = Histogram(
+            "inferplane_shadow_abs_difference",
+            "Mean absolute difference between the primary's and the shadow's float output, one "
+            "observation per request (sum/count gives the mean).",
+            ["service", "model", "version", "output"],
+            buckets=(1e-7, 1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.05, 0.1, 0.25, 0.5, 1, 10),
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 

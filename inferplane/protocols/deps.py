@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from inferplane import __version__
 from inferplane.engine.manager import ModelManager
 from inferplane.observability.metrics import Metrics
 from inferplane.predictor import InProcessPredictor
+
+if TYPE_CHECKING:
+    from inferplane.routing.policy_source import PolicySource
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
 EXTENSIONS = ["binary_tensor_data", "model_repository", "statistics", "model_configuration"]
@@ -21,3 +25,5 @@ class ServingDeps:
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD
     server_name: str = "inferplane"
     server_version: str = __version__
+    policy: PolicySource | None = None  # where the traffic policy comes from
+    watch_policy: bool = False

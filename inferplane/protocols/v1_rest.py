@@ -83,8 +83,15 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         lv, _ = predictor.router.resolve(name, version)
         body = await read_body(request, deps.max_payload_bytes)
         inputs, rows = _decode(lv.config, loads(body))
+        # No version asked: a service routes it (the version resolved above only gave the
+        # signature to decode against).
         prediction = await predictor.predict(
-            name, inputs, version=lv.version, context=RequestContext()
+            name,
+            inputs,
+            version=version,
+            context=RequestContext(
+                tenant=request.headers.get("x-tenant"), headers=dict(request.headers)
+            ),
         )
         columns = {k: _plain(v) for k, v in prediction.outputs.items()}
         if len(columns) == 1:

@@ -23,6 +23,8 @@ from inferplane.tensors import (
 
 HEADER_LENGTH = b"inference-header-content-length"  # binary tensor extension
 TIMEOUT_HEADER = b"x-inferplane-timeout-ms"  # REST; gRPC uses its own deadlines
+TENANT_HEADER = b"x-tenant"  # who is calling, for services' tenant rules and the audit trail
+ROUTE_PARAMETER = "inferplane_route"  # response parameter naming a service's route decision
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 
 

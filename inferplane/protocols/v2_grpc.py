@@ -37,10 +37,16 @@ from inferplane.protocols import model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
-from inferplane.protocols.v2_codec import request_deadline, request_priority
+from inferplane.protocols.v2_codec import (
+    ROUTE_PARAMETER,
+    TENANT_HEADER,
+    request_deadline,
+    request_priority,
+)
 from inferplane.tensors import BYTES, check_shape, datatype_of, dtype_of, from_raw, to_raw
 
 log = logging.getLogger("inferplane.grpc")
+TENANT = TENANT_HEADER.decode()
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Requests of one ModelStreamInfer call that may run at once; past that we stop reading the
@@ -269,14 +275,18 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 outputs=[o.name for o in request.outputs] or None,
                 context=RequestContext(
                     request_id=request.id or str(uuid.uuid4()),
+                    tenant=headers.get(TENANT),
                     deadline=deadline,
                     headers=headers,
                     traceparent=headers.get("traceparent"),
                     priority=request_priority(params),
+                    parameters=params,
                 ),
             )
             label_model, label_version = prediction.model_name, prediction.model_version
             response = encode_response(request, prediction)
+            if not request.model_version and self.predictor.is_service(name):
+                response.parameters[ROUTE_PARAMETER].string_param = prediction.route
             status = 200
             return response
         except InferplaneError as exc:

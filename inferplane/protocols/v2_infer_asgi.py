@@ -19,6 +19,8 @@ from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
 from inferplane.protocols.v2_codec import (
     HEADER_LENGTH,
+    ROUTE_PARAMETER,
+    TENANT_HEADER,
     TIMEOUT_HEADER,
     decode_request,
     dumps,
@@ -65,7 +67,7 @@ class InferEndpoint:
         label_model, label_version, status = UNKNOWN, "", 500
         manager.inflight += 1
         try:
-            header_len = traceparent = timeout_ms = declared = None
+            header_len = traceparent = timeout_ms = declared = tenant = None
             for key, value in scope["headers"]:
                 if key == b"content-length":
                     declared = value
@@ -75,13 +77,20 @@ class InferEndpoint:
                     traceparent = value.decode("latin-1")
                 elif key == TIMEOUT_HEADER:
                     timeout_ms = value
+                elif key == TENANT_HEADER:
+                    tenant = value.decode("latin-1")
             body = await read_body_limited(receive, declared, deps.max_payload_bytes)
             decoded = decode_request(body, header_len)
+            service = version is None and deps.predictor.is_service(name)
             context = RequestContext(
                 request_id=decoded.id,
+                tenant=tenant,
                 traceparent=traceparent,
                 deadline=request_deadline(decoded.parameters, timeout_ms),
                 priority=request_priority(decoded.parameters),
+                parameters=decoded.parameters,
+                # Only a service's match rules and sticky key read headers: skip the dict otherwise.
+                headers=_header_dict(scope) if service else {},
             )
             prediction = await deps.predictor.predict(
                 name,
@@ -92,7 +101,11 @@ class InferEndpoint:
             )
             label_model, label_version = prediction.model_name, prediction.model_version
             payload, binary_len = encode_response(
-                prediction.model_name, prediction.model_version, decoded, prediction.outputs
+                prediction.model_name,
+                prediction.model_version,
+                decoded,
+                prediction.outputs,
+                {ROUTE_PARAMETER: prediction.route} if service else None,
             )
             headers = [
                 (b"content-type", b"application/json"),
@@ -132,6 +145,10 @@ class InferEndpoint:
                 latency = metrics.request_latency.labels(model, version, "rest")
                 self._latency[(model, version)] = latency
             latency.observe(seconds)
+
+
+def _header_dict(scope: Scope) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
 
 
 async def read_body_limited(receive: Receive, declared: bytes | None, limit: int) -> bytes:

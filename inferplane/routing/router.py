@@ -1,7 +1,8 @@
 """Resolve a target and version reference to one loaded version.
 
-Today a target is a model name; services with traffic policies (canary, A/B, shadow) will resolve
-here too, so that every pattern (online, streaming, batch) routes the same way.
+A target is a model name, or a service name (see `routing.services`): for metadata, readiness and
+config a service stands for its first route's version; predictions through a service are routed
+per request by its traffic policy.
 """
 
 from __future__ import annotations
@@ -15,9 +16,19 @@ PRODUCTION = "production"
 class Router:
     def __init__(self, manager: ModelManager) -> None:
         self.manager = manager
+        # service name -> (model, version or alias) of its first route; set by Services.apply
+        self.service_defaults: dict[str, tuple[str, str | None]] = {}
 
     def lookup(self, target: str, version: str | None = None) -> tuple[LoadedVersion, str]:
         """(version in whatever state, route decision). No version: `production`, else latest."""
+        if target in self.service_defaults and target not in self.manager.models:
+            if version:
+                raise NotFound(
+                    f"'{target}' is a service: call it without a version, or call a model's "
+                    "version directly"
+                )
+            model, ref = self.service_defaults[target]
+            return self.lookup(model, ref)
         entry = self.manager.entry(target)
         if not entry.versions:
             raise Unavailable(f"model '{target}' has no loadable version")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -49,6 +50,10 @@ class ServerProcess:
     def grpc_target(self) -> str:
         return f"127.0.0.1:{self.grpc_port}"
 
+    @property
+    def audit_db(self) -> Path:
+        return self.log_path.parent / f"audit-{self.http_port}.db"
+
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
@@ -78,6 +83,8 @@ class ServerProcess:
 def start_server(
     repo: Path | str, log_dir: Path, *args: str, wait: bool = True, grpc: bool = True
 ) -> ServerProcess:
+    """A server over `repo`; its audit trail goes to `<log_dir>/audit-<port>.db` unless `args`
+    name another `--audit-sink`."""
     http_port, grpc_port = free_port(), (free_port() if grpc else 0)
     log_path = log_dir / f"server-{http_port}.log"
     cmd = [
@@ -85,8 +92,9 @@ def start_server(
         "--host", "127.0.0.1", "--http-port", str(http_port), "--grpc-port", str(grpc_port),
         *args,
     ]  # fmt: skip
+    env = {**os.environ, "INFERPLANE_AUDIT": str(log_dir / f"audit-{http_port}.db")}
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     server = ServerProcess(proc, http_port, grpc_port, log_path)
     if wait:
         try:
