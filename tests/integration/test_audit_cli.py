@@ -1,0 +1,157 @@
+"""`inferplane audit`, run for real as a subprocess on audit files the AuditLog wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
+
+NOW = time.time()
+RECORDS = [
+    AuditRecord("req-old", NOW - 7200, "reco", "tabular", "1", "production", 1.1, 200),
+    AuditRecord("req-canary", NOW - 120, "reco", "tabular", "2", "canary", 2.25, 200, "acme"),
+    AuditRecord("req-fraud", NOW - 60, "fraud", "forest", "3", "direct", 0.5, 200),
+    AuditRecord("req-503", NOW - 5, "reco", "", "", "fallback", 9.0, 503, error="model overloaded"),
+]
+
+
+def audit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k != "INFERPLANE_AUDIT"}
+    full_env["COLUMNS"] = "300"  # whole table rows when piped
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-m", "inferplane", "audit", *args],
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def one_line_error(result: subprocess.CompletedProcess[str], expected: str) -> None:
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+
+
+def json_ids(stdout: str) -> list[str]:
+    return [json.loads(line)["request_id"] for line in stdout.splitlines()]
+
+
+def table_rows(stdout: str) -> dict[str, list[str]]:
+    """Table rows keyed by request id (the second cell)."""
+    rows = {}
+    for line in stdout.splitlines():
+        if line.startswith("│"):
+            cells = [c.strip() for c in line.strip("│").split("│")]
+            rows[cells[1]] = cells
+    return rows
+
+
+@pytest.fixture(scope="module")
+def audit_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("audit") / "audit.db"
+    with AuditLog(open_sink(str(path))) as log:
+        for rec in RECORDS:
+            log.record(rec)
+    return path
+
+
+def test_request_id_as_json(audit_db: Path) -> None:
+    out = ok(audit("--db", str(audit_db), "--request-id", "req-canary", "--json"))
+    [line] = out.splitlines()
+    doc = json.loads(line)
+    assert {k: doc[k] for k in ("service", "model", "version", "route", "status", "tenant")} == {
+        "service": "reco",
+        "model": "tabular",
+        "version": "2",
+        "route": "canary",
+        "status": 200,
+        "tenant": "acme",
+    }
+    assert doc["time"] == pytest.approx(NOW - 120)
+    assert doc["time_iso"].endswith("Z")
+
+
+def test_since_and_service_as_a_table(audit_db: Path) -> None:
+    out = ok(audit("--db", str(audit_db), "--since", "10m", "--service", "reco"))
+    rows = table_rows(out)
+    assert set(rows) == {"req-canary", "req-503"}
+    time_iso, _, tenant, service, model, version, route, latency, status, error = rows["req-canary"]
+    assert time_iso.startswith(time.strftime("%Y-%m-%d", time.gmtime(NOW - 120)))
+    assert time_iso.endswith("Z")
+    assert (tenant, service, model, version, route, latency, status) == (
+        "acme",
+        "reco",
+        "tabular",
+        "2",
+        "canary",
+        "2.25",
+        "200",
+    )
+    assert error == ""
+    assert rows["req-503"][-2:] == ["503", "model overloaded"]
+
+
+def test_filters_and_limit(audit_db: Path) -> None:
+    db = str(audit_db)
+    assert json_ids(ok(audit("--db", db, "--json"))) == [r.request_id for r in RECORDS]
+    assert json_ids(ok(audit("--sink", db, "--json", "--limit", "2"))) == ["req-fraud", "req-503"]
+    assert json_ids(ok(audit("--db", db, "--json", "--status", "503"))) == ["req-503"]
+    assert json_ids(ok(audit("--db", db, "--json", "--model", "forest", "--since", "1h"))) == [
+        "req-fraud"
+    ]
+    assert json_ids(ok(audit("--json", env={"INFERPLANE_AUDIT": db}))) == [
+        r.request_id for r in RECORDS
+    ]
+    nothing = audit("--db", db, "--request-id", "nope")
+    assert ok(nothing) == ""
+    assert "no audit records match" in nothing.stderr
+
+
+def test_jsonl_sink(tmp_path: Path) -> None:
+    path = tmp_path / "audit.jsonl"
+    with AuditLog(open_sink(f"jsonl:{path}")) as log:
+        for rec in RECORDS:
+            log.record(rec)
+    out = ok(audit("--sink", f"jsonl:{path}", "--since", "90s", "--json"))
+    assert json_ids(out) == ["req-fraud", "req-503"]
+
+
+@pytest.mark.parametrize(
+    ("since", "expected"),
+    [
+        ("10x", "--since '10x' is not a duration"),
+        ("ten minutes", "use a number and a unit s, m, h or d"),
+        ("10", "--since '10' is not a duration"),
+        ("-5m", "--since '-5m' is not a duration"),
+    ],
+)
+def test_bad_since(audit_db: Path, since: str, expected: str) -> None:
+    one_line_error(audit("--db", str(audit_db), "--since", since), expected)
+
+
+def test_one_line_errors(tmp_path: Path) -> None:
+    one_line_error(
+        audit("--db", str(tmp_path / "missing.db")),
+        f"audit database '{tmp_path / 'missing.db'}' does not exist",
+    )
+    not_db = tmp_path / "notes.db"
+    not_db.write_text("not sqlite")
+    one_line_error(audit("--db", str(not_db)), "is not an audit database")
+    one_line_error(audit("--sink", "kafka://broker/audit"), "unknown audit sink kind 'kafka:'")
+    one_line_error(audit("--db", str(not_db), "--limit", "0"), "--limit must be >= 1")
