@@ -7,6 +7,7 @@ model-as-a-service deployments. `open_predictor` picks one from a command's opti
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
@@ -19,9 +20,16 @@ from inferplane.context import RequestContext
 from inferplane.edge.validation import validate_inputs
 from inferplane.engine.manager import LoadedVersion, ModelManager
 from inferplane.errors import BadRequest, InferplaneError, InternalError
-from inferplane.observability.audit import AuditLog, AuditRecord, payload_hash, payload_json
+from inferplane.observability.audit import (
+    AuditLog,
+    AuditRecord,
+    open_sink,
+    payload_hash,
+    payload_json,
+)
 from inferplane.observability.metrics import Metrics
 from inferplane.repository.store import Repository
+from inferplane.routing.policy_source import PolicySource, default_services_url
 from inferplane.routing.router import Router
 from inferplane.routing.services import Services
 from inferplane.tensors import TensorSpec
@@ -175,11 +183,19 @@ class InProcessPredictor:
 
 @contextlib.asynccontextmanager
 async def open_predictor(
-    *, repository: str | None = None, server: str | None = None, models: Sequence[str] = ()
+    *,
+    repository: str | None = None,
+    server: str | None = None,
+    models: Sequence[str] = (),
+    services: str | None = None,
+    audit_sink: str | None = None,
 ) -> AsyncIterator[Predictor]:
     """The predictor a streaming or batch command asked for: exactly one of the two options.
 
-    In-process, the named models (default: all) are loaded and warmed before this yields.
+    In-process, the named models (default: all) are loaded and warmed before this yields, the
+    traffic policy (`services`, default `<repository>/services.yaml` when present) applies as it
+    does in the server, and `audit_sink` (see docs/audit.md) records every prediction. Remote,
+    the server applies its own policy and audit.
     """
     if (repository is None) == (server is None):
         raise BadRequest("give exactly one of --repository (in-process) and --server (remote)")
@@ -193,12 +209,24 @@ async def open_predictor(
             await remote.aclose()
         return
     assert repository is not None
-    manager = ModelManager(Repository(repository), Metrics(), list(models) or None)
+    metrics = Metrics()
+    manager = ModelManager(Repository(repository), metrics, list(models) or None)
+    audit = AuditLog(open_sink(audit_sink), registry=metrics.registry) if audit_sink else None
+    predictor = InProcessPredictor(manager, audit)
     try:
         await manager.load_initial()
-        yield InProcessPredictor(manager)
+        policy = PolicySource(
+            services or default_services_url(repository),
+            predictor.services,
+            required=services is not None,
+        )
+        await asyncio.to_thread(policy.load)
+        yield predictor
     finally:
+        await predictor.services.drain_shadows()
         await manager.close()
+        if audit is not None:
+            await asyncio.to_thread(audit.close)
 
 
 def _is_invalid_argument(exc: Exception) -> bool:
