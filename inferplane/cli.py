@@ -366,6 +366,9 @@ from inferplane.streaming.command import stream_command  # noqa: E402
 
 app.command("stream")(one_line_errors(stream_command))
 # -- batch (inferplane/batch/command.py) --
+from inferplane.batch.command import batch_command  # noqa: E402
+
+app.command("batch")(one_line_errors(batch_command))
 # -- audit (inferplane/observability/audit_command.py) --
 from inferplane.observability.audit_command import audit_command  # noqa: E402
 

@@ -1,0 +1,169 @@
+"""The local engine: a process pool over fragments, one predictor per worker process.
+
+Each worker gets its own slice of the machine's cores (CPU affinity), so that a runtime sizing its
+thread pool from the cores it may use (ONNX Runtime's intra-op threads) does not oversubscribe the
+machine. Workers die with the job (PR_SET_PDEATHSIG): a killed job leaves nothing writing behind
+it, and the rerun starts from the committed fragments.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing as mp
+import os
+import queue
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from inferplane.batch.fragment import FragmentScorer
+from inferplane.batch.progress import JobProgress
+from inferplane.batch.readers import Fragment, InputTable
+from inferplane.batch.spec import EXIT_RETRY, EXIT_USAGE, JobFailed, JobSpec, TransientFailure
+from inferplane.errors import BadRequest, InferplaneError
+
+OnDone = Callable[[dict[str, Any]], None]
+
+
+def usable_cores() -> list[int]:
+    if hasattr(os, "sched_getaffinity"):
+        return sorted(os.sched_getaffinity(0))
+    return list(range(os.cpu_count() or 1))
+
+
+def run_local(
+    job: JobSpec,
+    table: InputTable,
+    pending: list[Fragment],
+    progress: JobProgress,
+    on_done: OnDone,
+    *,
+    workers: int | None = None,
+) -> None:
+    if not pending:
+        return
+    count = min(workers or len(usable_cores()), len(pending))
+    if count == 1:
+        _run_inline(job, table, pending, progress, on_done)
+        return
+    ctx = mp.get_context("spawn")  # no fork of a process with threads (ORT, asyncio)
+    tasks: Any = ctx.Queue()
+    events: Any = ctx.Queue()
+    for fragment in pending:
+        tasks.put(fragment)
+    for _ in range(count):
+        tasks.put(None)
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(i, count, job, table, tasks, events),
+            name=f"inferplane-batch-{i}",
+            daemon=True,
+        )
+        for i in range(count)
+    ]
+    for p in procs:
+        p.start()
+    remaining = len(pending)
+    ok = False
+    try:
+        while remaining:
+            try:
+                kind, payload = events.get(timeout=0.5)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise JobFailed(
+                        f"worker process {dead[0].name} died (exit code {dead[0].exitcode}); "
+                        "committed fragments are kept, rerun the job to resume"
+                    ) from None
+                continue
+            if kind == "rows":
+                progress.advance(payload)
+            elif kind == "done":
+                remaining -= 1
+                on_done(payload)
+            else:
+                raise _rebuild(*payload)
+        ok = True
+    finally:
+        for p in procs:
+            if not ok and p.is_alive():
+                p.kill()
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+                p.join()
+        tasks.close()
+        events.close()
+
+
+def _run_inline(
+    job: JobSpec,
+    table: InputTable,
+    pending: list[Fragment],
+    progress: JobProgress,
+    on_done: OnDone,
+) -> None:
+    scorer = FragmentScorer(job, table)
+    try:
+        for fragment in pending:
+            on_done(scorer.score(fragment, progress.advance))
+    finally:
+        scorer.close()
+
+
+def _rebuild(code: int, message: str) -> InferplaneError:
+    if code == EXIT_USAGE:
+        return BadRequest(message)
+    if code == EXIT_RETRY:
+        return TransientFailure(message)
+    return JobFailed(message)
+
+
+def _exit_code(exc: InferplaneError) -> int:
+    return int(getattr(exc, "exit_code", EXIT_USAGE))
+
+
+def _die_with_parent() -> None:
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
+def _pin(index: int, count: int) -> None:
+    cores = usable_cores()
+    if count <= len(cores) and hasattr(os, "sched_setaffinity"):
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(0, cores[index::count])
+
+
+def _worker(
+    index: int, count: int, job: JobSpec, table: InputTable, tasks: Any, events: Any
+) -> None:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job stops its workers itself
+    _pin(index, count)
+    try:
+        scorer = FragmentScorer(job, table)
+    except InferplaneError as exc:
+        events.put(("failed", (_exit_code(exc), exc.message)))
+        return
+    try:
+        while (fragment := tasks.get()) is not None:
+            try:
+                entry = scorer.score(fragment, lambda rows: events.put(("rows", rows)))
+            except InferplaneError as exc:
+                events.put(("failed", (_exit_code(exc), exc.message)))
+                return
+            except Exception as exc:
+                traceback.print_exc()
+                events.put(("failed", (1, f"input '{fragment.key}': {type(exc).__name__}: {exc}")))
+                return
+            events.put(("done", entry))
+    finally:
+        scorer.close()

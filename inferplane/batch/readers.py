@@ -1,0 +1,216 @@
+"""Input tables: Parquet (hive partitions too), CSV and JSON Lines on a local path or fsspec URL.
+
+One fragment is one input file; it is read as a stream of record batches, so a table larger than
+memory is fine. Files and folders whose name starts with `_` or `.` are skipped, as Spark and
+pyarrow do (`_SUCCESS`, `.crc`, our own output layout).
+"""
+
+from __future__ import annotations
+
+import posixpath
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from inferplane.batch.extras import require_pyarrow
+from inferplane.errors import BadRequest, NotFound
+
+EXTENSIONS: dict[str, tuple[str, ...]] = {
+    "parquet": (".parquet", ".pq", ".parq"),
+    "csv": (".csv", ".csv.gz"),
+    "json": (".jsonl", ".ndjson", ".json", ".jsonl.gz", ".ndjson.gz"),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Fragment:
+    path: str  # on the input filesystem, without the protocol
+    key: str  # path relative to the input root, '/'-separated: names the output file
+    size: int
+    rows: int | None  # known up front for Parquet (footer), None for text formats
+
+
+@dataclass(slots=True)
+class InputTable:
+    """A planned input: its fragments and the schema every fragment is read with."""
+
+    url: str
+    format: str
+    root: str
+    fragments: list[Fragment]
+    schema: Any  # pyarrow.Schema, partition columns included
+    _fs: Any = field(default=None, repr=False, compare=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Workers (processes, Ray actors) rebuild the filesystem from the URL.
+        return {k: getattr(self, k) for k in ("url", "format", "root", "fragments", "schema")}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+        self._fs = None
+
+    @property
+    def total_rows(self) -> int | None:
+        rows = [f.rows for f in self.fragments]
+        return None if any(r is None for r in rows) else sum(r or 0 for r in rows)
+
+    def filesystem(self) -> Any:
+        """The pyarrow filesystem for the input (native for local paths)."""
+        if self._fs is None:
+            self._fs = arrow_filesystem(self.url)
+        return self._fs
+
+    def read(
+        self, fragment: Fragment, columns: Sequence[str], batch_rows: int, text_columns: Any = ()
+    ) -> Iterator[Any]:
+        """`columns` of one fragment as pyarrow Tables of about `batch_rows` rows, in file order.
+
+        `text_columns` are read as strings from CSV, so that one bad cell becomes a bad row for
+        the mapping to report instead of a file that cannot be read.
+        """
+        pa = require_pyarrow()
+        import pyarrow.dataset as ds
+
+        schema = self.schema
+        if self.format == "csv":
+            for name in text_columns:
+                i = schema.get_field_index(name)
+                if i >= 0:
+                    schema = schema.set(i, schema.field(i).with_type(pa.string()))
+        dataset = ds.dataset(
+            [fragment.path],
+            schema=schema,
+            format=_file_format(self.format),
+            filesystem=self.filesystem(),
+            partitioning=ds.partitioning(flavor="hive"),
+            partition_base_dir=self.root,
+        )
+        # One thread and one batch of read-ahead: batches come in file order and memory stays
+        # at about one row group per worker whatever the table's size.
+        scanner = dataset.scanner(
+            columns=list(columns),
+            batch_size=batch_rows,
+            batch_readahead=1,
+            fragment_readahead=1,
+            use_threads=False,
+        )
+        pending: list[Any] = []
+        rows = 0
+        for batch in scanner.to_batches():
+            if batch.num_rows == 0:
+                continue
+            pending.append(batch)
+            rows += batch.num_rows
+            if rows >= batch_rows:
+                yield pa.Table.from_batches(pending)
+                pending, rows = [], 0
+        if pending:
+            yield pa.Table.from_batches(pending)
+
+
+def arrow_filesystem(url: str) -> Any:
+    require_pyarrow()
+    import pyarrow.fs as pafs
+
+    fs, _ = fsspec.core.url_to_fs(url)
+    if _is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def _is_local(fs: Any) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
+    return isinstance(fs, LocalFileSystem)
+
+
+def _file_format(fmt: str) -> Any:
+    import pyarrow.csv as pacsv
+    import pyarrow.dataset as ds
+
+    if fmt == "parquet":
+        return ds.ParquetFileFormat()
+    if fmt == "csv":
+        # Empty cells are missing values (null), not empty strings that fail to parse.
+        return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+    return ds.JsonFileFormat()
+
+
+def format_of(name: str) -> str | None:
+    lower = name.lower()
+    for fmt, suffixes in EXTENSIONS.items():
+        if lower.endswith(suffixes):
+            return fmt
+    return None
+
+
+def _hidden(key: str) -> bool:
+    return any(part.startswith(("_", ".")) for part in key.split("/"))
+
+
+def open_input(url: str, fmt: str | None = None) -> InputTable:
+    """List the input's files, check they share one format, and read the schema.
+
+    Raises NotFound for a missing path and BadRequest for an empty folder or mixed formats.
+    """
+    pa = require_pyarrow()
+    import pyarrow.dataset as ds
+
+    if fmt is not None and fmt not in EXTENSIONS:
+        raise BadRequest(f"unknown input format '{fmt}'; use one of {', '.join(EXTENSIONS)}")
+    fs, path = fsspec.core.url_to_fs(url)
+    path = path.rstrip("/") or "/"
+    if not fs.exists(path):
+        raise NotFound(f"input '{url}' does not exist")
+    if fs.isfile(path):
+        root = posixpath.dirname(path)
+        infos = {path: fs.info(path)}
+    else:
+        root = path
+        infos = fs.find(path, detail=True)
+    files: list[tuple[str, str, int]] = []
+    formats: set[str] = set()
+    for file_path, info in sorted(infos.items()):
+        if info.get("type", "file") != "file":
+            continue
+        key = posixpath.relpath(file_path, root) if root else file_path
+        if _hidden(key):
+            continue
+        found = format_of(file_path)
+        if fmt is None and found is None:
+            continue
+        if fmt is not None and found not in (fmt, None):
+            continue
+        formats.add(fmt or found or "")
+        files.append((file_path, key, int(info.get("size") or 0)))
+    if not files:
+        raise BadRequest(
+            f"input '{url}' has no {fmt or 'Parquet, CSV or JSON Lines'} files "
+            f"(extensions: {', '.join(s for f in ([fmt] if fmt else EXTENSIONS) for s in EXTENSIONS[f])})"
+        )
+    if len(formats) > 1:
+        raise BadRequest(
+            f"input '{url}' mixes formats ({', '.join(sorted(formats))}); "
+            "point --input at one of them or pass --format"
+        )
+    chosen = formats.pop()
+    filesystem = arrow_filesystem(url)
+    try:
+        dataset = ds.dataset(
+            [f[0] for f in files],
+            format=_file_format(chosen),
+            filesystem=filesystem,
+            partitioning=ds.partitioning(flavor="hive"),
+            partition_base_dir=root,
+        )
+        schema = dataset.schema
+        rows: list[int | None] = [None] * len(files)
+        if chosen == "parquet":
+            rows = [frag.metadata.num_rows for frag in dataset.get_fragments()]
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise BadRequest(f"cannot read input '{url}' as {chosen}: {exc}") from exc
+    fragments = [Fragment(p, key, size, n) for (p, key, size), n in zip(files, rows, strict=True)]
+    return InputTable(url, chosen, root, fragments, schema, filesystem)

@@ -1,0 +1,54 @@
+"""What a batch job is, in plain picklable values that engines ship to their workers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from inferplane.batch.mapping import InputBinding
+from inferplane.errors import InferplaneError
+from inferplane.tensors import TensorSpec
+
+# Exit codes a scheduler can act on (docs/batch.md).
+EXIT_OK = 0
+EXIT_FAILED = 1  # the job ran and failed: bad rows above --max-error-rate, a model error
+EXIT_USAGE = 2  # the command or its configuration is wrong: fix it before retrying
+EXIT_RETRY = 3  # the model or storage was unavailable: retrying later may succeed
+
+METADATA_COLUMNS = ("model_name", "model_version", "job_id", "scored_at")
+
+
+class JobFailed(InferplaneError):
+    """The job stopped; committed fragments stay, so a rerun resumes after the fix."""
+
+    exit_code = EXIT_FAILED
+
+
+class TransientFailure(JobFailed):
+    exit_code = EXIT_RETRY
+
+
+@dataclass(slots=True)
+class JobSpec:
+    job_id: str
+    input_url: str
+    output_url: str
+    target: str
+    version: str | None
+    repository: str | None
+    server: str | None
+    models: list[str]
+    services: str | None
+    audit_sink: str | None
+    id_columns: list[str]
+    bindings: list[InputBinding]
+    outputs: list[TensorSpec]  # the prediction columns, in signature order
+    batch_size: int  # rows per predictor request
+    chunk_rows: int  # rows read, mapped and written at a time
+    concurrency: int  # predictor requests in flight per worker
+    max_error_rate: float
+    retries: int = 5
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def predictor_label(self) -> str:
+        return f"remote {self.server}" if self.server else f"in-process {self.repository}"
