@@ -189,7 +189,7 @@ async def _run(
             loop.add_signal_handler(sig, worker.stop)
         log.info(
             "stream: %s -> %s (dead letters: %s) with %s (model %s version %s), "
-            "group %s as %s; batches of %d",
+            "group %s as %s; predictor calls of up to %d rows",
             src.name, out.name, dead.name, settings.target, signature.model_name,
             signature.model_version or "routed", group, consumer, worker.max_rows,
         )  # fmt: skip

@@ -56,6 +56,20 @@ class _Thread:
         self.pool.shutdown(wait=True)
 
 
+def _partitions(partitions: list[TopicPartition]) -> str:
+    return ", ".join(f"{tp.topic}[{tp.partition}]" for tp in partitions) or "none"
+
+
+def _on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    log.info("kafka: assigned %s", _partitions(partitions))
+
+
+def _on_revoke(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
+    # Held work for these partitions still gets written; its commit may fail, and the next owner
+    # then re-reads it: duplicates, never loss.
+    log.info("kafka: revoked %s", _partitions(partitions))
+
+
 class KafkaSource:
     def __init__(self, url: BrokerURL, options: SourceOptions) -> None:
         self.topic = _topic(url)
@@ -84,7 +98,7 @@ class KafkaSource:
     async def start(self) -> None:
         def make() -> Consumer:
             consumer = Consumer(self.config)
-            consumer.subscribe([self.topic])
+            consumer.subscribe([self.topic], on_assign=_on_assign, on_revoke=_on_revoke)
             return consumer
 
         try:

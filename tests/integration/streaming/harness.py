@@ -1,0 +1,194 @@
+"""Helpers for the streaming tests: broker handles, `inferplane stream` processes, waiting."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tests.integration.servers import ROOT
+
+
+@dataclass
+class RedisServer:
+    port: int
+
+    def url(self, stream: str) -> str:
+        return f"redis://127.0.0.1:{self.port}/0?stream={stream}"
+
+    def client(self) -> Any:
+        import redis
+
+        return redis.Redis(port=self.port)
+
+
+@dataclass
+class Tansu:
+    """A Kafka-compatible (Tansu) broker."""
+
+    bootstrap: str
+
+    def url(self, topic: str, **options: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in options.items())
+        return f"kafka://{self.bootstrap}/{topic}" + (f"?{query}" if query else "")
+
+    def create_topics(self, *names: str, partitions: int = 4) -> None:
+        from confluent_kafka.admin import AdminClient, NewTopic
+
+        admin = AdminClient({"bootstrap.servers": self.bootstrap})
+        futures = admin.create_topics(
+            [NewTopic(n, num_partitions=partitions, replication_factor=1) for n in names]
+        )
+        for future in futures.values():
+            future.result(30)
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class WorkerProcess:
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(10)
+                raise AssertionError(
+                    f"worker ignored SIGTERM for {timeout}s:\n{self.log()}"
+                ) from None
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(10)
+
+
+def start_worker(args: list[str], log_dir: Path, name: str = "worker") -> WorkerProcess:
+    log_path = log_dir / f"{name}-{uuid.uuid4().hex[:6]}.log"
+    cmd = [sys.executable, "-m", "inferplane", "stream", *args]
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    return WorkerProcess(proc, log_path)
+
+
+def wait_for(
+    predicate: Callable[[], bool], timeout: float, what: str, worker: WorkerProcess | None = None
+) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        if worker is not None and worker.process.poll() is not None:
+            raise AssertionError(f"worker exited ({worker.process.returncode}):\n{worker.log()}")
+        time.sleep(0.1)
+    detail = f"\n{worker.log()[-4000:]}" if worker is not None else ""
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
+
+
+# --- data in and out ----------------------------------------------------------------------------
+
+
+def rows(n: int, seed: int = 0) -> list[list[float]]:
+    """Feature rows for the `tabular` model (32 FP32 features), rounded to keep payloads small."""
+    import numpy as np
+
+    data = np.random.default_rng(seed).standard_normal((n, 32)).astype(np.float32)
+    return [[round(float(v), 4) for v in row] for row in data]
+
+
+def redis_fill(client: Any, stream: str, entries: list[dict[str, Any]]) -> list[str]:
+    """XADD each entry (field -> bytes/str); returns the entry ids."""
+    ids: list[str] = []
+    for start in range(0, len(entries), 2000):
+        pipe = client.pipeline(transaction=False)
+        for fields in entries[start : start + 2000]:
+            pipe.xadd(stream, fields)
+        ids.extend(i.decode() for i in pipe.execute())
+    return ids
+
+
+def redis_read(client: Any, stream: str) -> list[tuple[str, dict[str, bytes]]]:
+    """Every entry of a stream, oldest first, fields decoded to str keys."""
+    out: list[tuple[str, dict[str, bytes]]] = []
+    start = "-"
+    while True:
+        batch = client.xrange(stream, start, "+", count=5000)
+        if start != "-":
+            batch = batch[1:]
+        if not batch:
+            return out
+        out.extend((i.decode(), {k.decode(): v for k, v in f.items()}) for i, f in batch)
+        start = batch[-1][0].decode()
+
+
+def kafka_produce(
+    bootstrap: str, topic: str, messages: list[tuple[bytes | None, bytes, list[tuple[str, bytes]]]]
+) -> None:
+    """(key, value, headers) each, with acks=all; returns once all are delivered."""
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": bootstrap, "acks": "all", "linger.ms": 5})
+    for i, (key, value, headers) in enumerate(messages):
+        producer.produce(topic, value=value, key=key, headers=headers)
+        if i % 1000 == 0:
+            producer.poll(0)
+    assert producer.flush(30) == 0, "kafka did not confirm every test message"
+
+
+def kafka_read(bootstrap: str, topic: str, partitions: int = 4) -> list[Any]:
+    """Every message now in a topic (partitions read directly: no consumer group, no join wait)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    consumer = Consumer(
+        {"bootstrap.servers": bootstrap, "group.id": unique("reader"), "enable.auto.commit": False}
+    )
+    try:
+        ends = {}
+        for p in range(partitions):
+            _low, high = consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)
+            ends[p] = high
+        wanted = {p for p, high in ends.items() if high > 0}
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in wanted])
+        out: list[Any] = []
+        deadline = time.monotonic() + 30
+        while wanted and time.monotonic() < deadline:
+            for msg in consumer.consume(5000, 0.5):
+                if msg.error():
+                    continue
+                out.append(msg)
+                if msg.offset() + 1 >= ends[msg.partition()]:
+                    wanted.discard(msg.partition())
+        assert not wanted, f"could not read partitions {wanted} of {topic} to their end"
+        return out
+    finally:
+        consumer.close()
+
+
+def kafka_count(bootstrap: str, topic: str, partitions: int = 4) -> int:
+    """Messages in a topic: the sum of its high watermarks."""
+    from confluent_kafka import Consumer, TopicPartition
+
+    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("count")})
+    try:
+        return sum(
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in range(partitions)
+        )
+    finally:
+        consumer.close()
