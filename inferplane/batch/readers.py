@@ -8,6 +8,7 @@ pyarrow do (`_SUCCESS`, `.crc`, our own output layout).
 from __future__ import annotations
 
 import posixpath
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,32 +75,34 @@ class InputTable:
         pa = require_pyarrow()
         import pyarrow.dataset as ds
 
-        schema = self.schema
-        if self.format == "csv":
-            for name in text_columns:
-                i = schema.get_field_index(name)
-                if i >= 0:
-                    schema = schema.set(i, schema.field(i).with_type(pa.string()))
-        dataset = ds.dataset(
-            [fragment.path],
-            schema=schema,
-            format=_file_format(self.format),
-            filesystem=self.filesystem(),
-            partitioning=ds.partitioning(flavor="hive"),
-            partition_base_dir=self.root,
-        )
-        # One thread and one batch of read-ahead: batches come in file order and memory stays
-        # at about one row group per worker whatever the table's size.
-        scanner = dataset.scanner(
-            columns=list(columns),
-            batch_size=batch_rows,
-            batch_readahead=1,
-            fragment_readahead=1,
-            use_threads=False,
-        )
+        if self.format == "parquet":
+            batches = self._parquet_batches(fragment, columns, batch_rows)
+        else:
+            schema = self.schema
+            if self.format == "csv":
+                for name in text_columns:
+                    i = schema.get_field_index(name)
+                    if i >= 0:
+                        schema = schema.set(i, schema.field(i).with_type(pa.string()))
+            dataset = ds.dataset(
+                [fragment.path],
+                schema=schema,
+                format=_file_format(self.format),
+                filesystem=self.filesystem(),
+                partitioning=ds.partitioning(flavor="hive"),
+                partition_base_dir=self.root,
+            )
+            # One thread: batches come in file order.
+            batches = dataset.scanner(
+                columns=list(columns),
+                batch_size=batch_rows,
+                batch_readahead=1,
+                fragment_readahead=1,
+                use_threads=False,
+            ).to_batches()
         pending: list[Any] = []
         rows = 0
-        for batch in scanner.to_batches():
+        for batch in batches:
             if batch.num_rows == 0:
                 continue
             pending.append(batch)
@@ -109,6 +112,51 @@ class InputTable:
                 pending, rows = [], 0
         if pending:
             yield pa.Table.from_batches(pending)
+
+    def _parquet_batches(
+        self, fragment: Fragment, columns: Sequence[str], batch_rows: int
+    ) -> Iterator[Any]:
+        """The file's row groups one batch at a time; partition values from its hive path.
+
+        pyarrow.parquet's reader rather than a dataset scanner: the scanner's memory grew by tens
+        of MB per file over a long job, this one stays flat (measured, pyarrow 21).
+        """
+        pa = require_pyarrow()
+        import pyarrow.parquet as pq
+
+        with self.filesystem().open_input_file(fragment.path) as source:
+            reader = pq.ParquetFile(source)
+            in_file = set(reader.schema_arrow.names)
+            partitions = hive_values(fragment.key)
+            fields = [self.schema.field(c) for c in columns]
+            for batch in reader.iter_batches(
+                batch_size=batch_rows,
+                columns=[c for c in columns if c in in_file],
+                use_threads=False,
+            ):
+                n = batch.num_rows
+                arrays = []
+                for f in fields:
+                    if f.name in in_file:
+                        arr = batch.column(f.name)
+                        arrays.append(arr if arr.type == f.type else arr.cast(f.type))
+                    elif partitions.get(f.name) is not None:
+                        value = pa.scalar(partitions[f.name]).cast(f.type)
+                        arrays.append(pa.repeat(value, n))
+                    else:
+                        arrays.append(pa.nulls(n, f.type))
+                yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+
+
+def hive_values(key: str) -> dict[str, str | None]:
+    """`a=1/b=x/file.parquet` -> {a: '1', b: 'x'}; Hive's default partition is null."""
+    values: dict[str, str | None] = {}
+    for part in key.split("/")[:-1]:
+        name, sep, value = part.partition("=")
+        if sep:
+            text = urllib.parse.unquote(value)
+            values[name] = None if text == "__HIVE_DEFAULT_PARTITION__" else text
+    return values
 
 
 def arrow_filesystem(url: str) -> Any:
