@@ -238,7 +238,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
         lv, _ = self.predictor.router.lookup(request.name, request.version or None)
-        doc = model_views.model_metadata(self.manager.entry(request.name), lv)
+        doc = model_views.model_metadata(self.manager.entry(lv.name), lv)
         return _parse(doc, pb.ModelMetadataResponse())
 
     @guarded

@@ -86,7 +86,7 @@ def build_routes(deps: ServingDeps) -> list[Route]:
     def _lookup(request: Request) -> tuple[ModelEntry, LoadedVersion]:
         name = request.path_params["model"]
         lv, _ = predictor.router.lookup(name, version_param(request))
-        return manager.entry(name), lv
+        return manager.entry(lv.name), lv
 
     async def model_metadata(request: Request) -> Response:
         entry, lv = _lookup(request)
