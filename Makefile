@@ -22,7 +22,7 @@ setup: $(STAMP)
 system-deps:
 	./scripts/system_deps.sh
 
-$(MODELS_STAMP): $(STAMP) examples/build_models.py examples/python_model/model.py
+$(MODELS_STAMP): $(STAMP) examples/build_models.py examples/python_model/model.py examples/services.yaml
 	$(PY) examples/build_models.py
 	touch $(MODELS_STAMP)
 

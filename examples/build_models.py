@@ -179,6 +179,7 @@ def main() -> int:
     register(repo, "tabular", onnx_v2, batching=batching, metadata={**lineage, "max_depth": 10})
     repo.set_alias("tabular", "production", 1)
     repo.set_alias("tabular", "canary", 2)
+    shutil.copy(os.path.join(HERE, "services.yaml"), os.path.join(args.out, "services.yaml"))
     # Tree models compute in float32 anyway: declaring FP32 lets one payload serve every model.
     fp32_input = [parse_tensor_arg(f"input:FP32:-1,{N_FEATURES}")]
     register(repo, "tabular_skl", skl_v1, inputs=fp32_input, batching=batching, metadata=lineage)
