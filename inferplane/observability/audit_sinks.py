@@ -67,7 +67,14 @@ _CREATE = (
     + ", ".join(f"{name} {_SQL_TYPES.get(name, 'TEXT')}" for name in FIELDS)
     + ")"
 )
-_INSERT = f"INSERT INTO audit ({', '.join(FIELDS)}) VALUES ({', '.join('?' * len(FIELDS))})"
+_VALUES = f"({', '.join('?' * len(FIELDS))})"
+# Multi-row INSERTs of a few fixed sizes: each runs in one sqlite3_step with the GIL released,
+# where executemany() takes and releases the GIL once per row (and the event loop's thread
+# makes the writer wait for it each time); fixed sizes keep the statement cache small.
+_CHUNKS = (512, 64, 8, 1)
+_INSERTS = {
+    n: f"INSERT INTO audit ({', '.join(FIELDS)}) VALUES {', '.join([_VALUES] * n)}" for n in _CHUNKS
+}
 
 
 class SQLiteSink:
@@ -86,6 +93,10 @@ class SQLiteSink:
             self._conn = sqlite3.connect(self.path, check_same_thread=False, timeout=10.0)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            # Records land in random places of the request_id index, so a batch dirties many
+            # pages; checkpointing the WAL less often writes each page fewer times (measured
+            # 1.5-2x faster than the default of 1000 pages).
+            self._conn.execute("PRAGMA wal_autocheckpoint=8192")
             with self._conn:
                 self._conn.execute(_CREATE)
                 self._conn.execute(
@@ -96,8 +107,14 @@ class SQLiteSink:
             raise BadRequest(f"cannot open the audit database '{self.path}': {exc}") from None
 
     def write(self, records: Sequence[AuditRecord]) -> None:
+        rows = list(map(_row, records))
         with self._conn:
-            self._conn.executemany(_INSERT, map(_row, records))
+            start = 0
+            for size in _CHUNKS:
+                while len(rows) - start >= size:
+                    chunk = rows[start : start + size]
+                    self._conn.execute(_INSERTS[size], [v for row in chunk for v in row])
+                    start += size
 
     def close(self) -> None:
         self._conn.close()
