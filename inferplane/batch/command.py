@@ -160,6 +160,7 @@ def batch_command(
             f"job {result.job_id}: already complete in {output} "
             f"({rows.get('out', 0):,} rows scored); nothing to do",
             highlight=False,
+            soft_wrap=True,
         )
         return
     rate = result.rows_this_run / result.elapsed_s if result.elapsed_s else 0.0

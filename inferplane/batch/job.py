@@ -210,7 +210,9 @@ def plan_job(o: JobOptions) -> Plan:
         models=models,
         services=o.services,
         audit_sink=o.audit_sink,
-        id_columns=list(o.id_columns),
+        # A hive partition column stays in the output's folder names, as it was in the input's:
+        # written inside the files too, readers of the output folder would see it twice.
+        id_columns=[c for c in o.id_columns if c not in table.partition_columns],
         bindings=bindings,
         outputs=list(signature.outputs),
         batch_size=batch_size,
@@ -315,7 +317,8 @@ def build_manifest(
         "predictor": plan.job.predictor_label,
         "engine": o.engine,
         "model": {"name": plan.signature.model_name, "versions": dict(sorted(versions.items()))},
-        "id_columns": plan.job.id_columns,
+        "id_columns": plan.identity["id_columns"],
+        "partition_columns": sorted(plan.table.partition_columns),
         "inputs": plan.identity["inputs"],
         "outputs": plan.identity["outputs"],
         "max_error_rate": plan.job.max_error_rate,

@@ -54,6 +54,11 @@ class InputTable:
         self._fs = None
 
     @property
+    def partition_columns(self) -> set[str]:
+        """Columns whose values come from hive-style folder names (day=2026-11-28/)."""
+        return {name for f in self.fragments for name in hive_values(f.key)}
+
+    @property
     def total_rows(self) -> int | None:
         rows = [f.rows for f in self.fragments]
         return None if any(r is None for r in rows) else sum(r or 0 for r in rows)
@@ -138,14 +143,24 @@ class InputTable:
                 arrays = []
                 for f in fields:
                     if f.name in in_file:
-                        arr = batch.column(f.name)
-                        arrays.append(arr if arr.type == f.type else arr.cast(f.type))
+                        arrays.append(_conform(pa, batch.column(f.name), f.type))
                     elif partitions.get(f.name) is not None:
                         value = pa.scalar(partitions[f.name]).cast(f.type)
                         arrays.append(pa.repeat(value, n))
                     else:
                         arrays.append(pa.nulls(n, f.type))
-                yield pa.RecordBatch.from_arrays(arrays, schema=pa.schema(fields))
+                yield pa.RecordBatch.from_arrays(arrays, names=[f.name for f in fields])
+
+
+def _conform(pa: Any, arr: Any, t: Any) -> Any:
+    """A file's column in the table's type where it converts; as it is otherwise (e.g. lists of
+    another length than the first file's fixed-size lists), for the mapping to judge per row."""
+    if arr.type == t:
+        return arr
+    try:
+        return arr.cast(t)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+        return arr
 
 
 def hive_values(key: str) -> dict[str, str | None]:
@@ -182,8 +197,11 @@ def _file_format(fmt: str) -> Any:
     if fmt == "parquet":
         return ds.ParquetFileFormat()
     if fmt == "csv":
-        # Empty cells are missing values (null), not empty strings that fail to parse.
-        return ds.CsvFileFormat(convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
+        # Only empty cells are missing values (null): "n/a" and friends reach the mapping as
+        # text, so a bad row says what the cell held, and "NaN" stays a number.
+        return ds.CsvFileFormat(
+            convert_options=pacsv.ConvertOptions(null_values=[""], strings_can_be_null=True)
+        )
     return ds.JsonFileFormat()
 
 
@@ -213,7 +231,8 @@ def open_input(url: str, fmt: str | None = None) -> InputTable:
     path = path.rstrip("/") or "/"
     if not fs.exists(path):
         raise NotFound(f"input '{url}' does not exist")
-    if fs.isfile(path):
+    single = fs.isfile(path)
+    if single:
         root = posixpath.dirname(path)
         infos = {path: fs.info(path)}
     else:
@@ -228,8 +247,8 @@ def open_input(url: str, fmt: str | None = None) -> InputTable:
         if _hidden(key):
             continue
         found = format_of(file_path)
-        if fmt is None and found is None:
-            continue
+        if found is None and not (fmt and single):
+            continue  # in a folder, only files named like a table; a named file may be anything
         if fmt is not None and found not in (fmt, None):
             continue
         formats.add(fmt or found or "")
