@@ -87,7 +87,8 @@ class Shadow(Target):
 class Retries(_Strict):
     attempts: int = Field(default=0, ge=0, le=5)  # extra tries after the first
     backoff_ms: float = Field(default=5, ge=0)
-    on: list[Retryable] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
+    # not `on`: YAML 1.1 reads a bare `on` key as the boolean true
+    retry_on: list[Retryable] = Field(default_factory=lambda: list(_DEFAULT_RETRY_ON))
 
 
 class Breaker(_Strict):

@@ -210,7 +210,7 @@ class Services:
                     breaker.failure()
                     self._breaker_metric(lv, breaker)
                 caller_expired = ctx.deadline is not None and time.monotonic() >= ctx.deadline
-                if attempt + 1 < tries and _kind(exc) in retries.on and not caller_expired:
+                if attempt + 1 < tries and _kind(exc) in retries.retry_on and not caller_expired:
                     await asyncio.sleep(retries.backoff_ms / 1000 * 2**attempt)
                     continue
                 raise

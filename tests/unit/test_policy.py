@@ -185,3 +185,12 @@ def test_answer_cache_is_bounded_and_expires() -> None:
     assert hit is not None and hit[2]["y"][0] == 2
     time.sleep(0.06)
     assert cache.get(keys[2]) is None
+
+
+def test_the_example_policy_parses() -> None:
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parents[2] / "examples" / "services.yaml").read_text()
+    reco = parse_policy(text).services["reco"]
+    assert reco.retries.retry_on == ["unavailable", "internal"]
+    assert reco.fallback is not None and reco.cache is not None
