@@ -101,3 +101,17 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
         yield Tansu(f"127.0.0.1:{port}")
     finally:
         _stop(proc)
+
+
+@pytest.fixture(scope="session")
+def tabular_repo(
+    example_build: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    """A repository holding only the example `tabular` model (versions 1, 2 and its aliases).
+
+    The streaming tests score one model; a copy keeps them independent of the rest of the
+    example repository (other models, its traffic policy file).
+    """
+    repo = tmp_path_factory.mktemp("stream-models")
+    shutil.copytree(example_build[0] / "tabular", repo / "tabular")
+    return repo

@@ -50,7 +50,7 @@ async def _expected(repo: Path, features: list[list[float]]) -> dict[str, np.nda
 
 
 async def test_scores_a_stream_in_process(
-    redis_server: RedisServer, example_build: tuple[Path, Path], tmp_path: Path, free_port: object
+    redis_server: RedisServer, tabular_repo: Path, tmp_path: Path, free_port: object
 ) -> None:
     client, base = redis_server.client(), unique("e2e")
     features = rows(300, seed=1)
@@ -75,7 +75,7 @@ async def test_scores_a_stream_in_process(
     ids = redis_fill(client, f"{base}-in", entries)
     metrics_port = free_port()  # type: ignore[operator]
     worker = start_worker(
-        _args(redis_server, base, "--repository", str(example_build[0]), "-m", "tabular",
+        _args(redis_server, base, "--repository", str(tabular_repo), "-m", "tabular",
               "--time-field", "ts", "--metrics-port", str(metrics_port)),
         tmp_path,
     )  # fmt: skip
@@ -92,7 +92,7 @@ async def test_scores_a_stream_in_process(
     outputs = _docs(client, f"{base}-out")
     assert len(outputs) == 301
     by_id = {o["id"]: o for o in outputs}
-    expected = await _expected(example_build[0], features)
+    expected = await _expected(tabular_repo, features)
     for i in range(300):
         out = by_id[f"tx-{i}"]
         assert out["outputs"]["label"] == int(expected["label"][i])
@@ -143,7 +143,7 @@ async def test_scores_a_stream_in_process(
 
 
 def test_takes_over_a_dead_consumers_pending_entries(
-    redis_server: RedisServer, example_build: tuple[Path, Path], tmp_path: Path
+    redis_server: RedisServer, tabular_repo: Path, tmp_path: Path
 ) -> None:
     client, base = redis_server.client(), unique("claim")
     redis_fill(client, f"{base}-in", [{"data": orjson.dumps({"id": f"c{i}", "features": r})}
@@ -153,7 +153,7 @@ def test_takes_over_a_dead_consumers_pending_entries(
     taken = client.xreadgroup("scorers", "dead-worker", {f"{base}-in": ">"}, count=60)
     assert len(taken[0][1]) == 60
     worker = start_worker(
-        _args(redis_server, base, "--repository", str(example_build[0]), "-m", "tabular",
+        _args(redis_server, base, "--repository", str(tabular_repo), "-m", "tabular",
               "--claim-idle-ms", "500"),
         tmp_path,
     )  # fmt: skip
@@ -169,13 +169,13 @@ def test_takes_over_a_dead_consumers_pending_entries(
 
 
 def test_sigterm_drains_what_it_read_and_exits_cleanly(
-    redis_server: RedisServer, example_build: tuple[Path, Path], tmp_path: Path
+    redis_server: RedisServer, tabular_repo: Path, tmp_path: Path
 ) -> None:
     client, base = redis_server.client(), unique("drain")
     redis_fill(client, f"{base}-in", [{"data": orjson.dumps({"id": f"d{i}", "features": r})}
                                      for i, r in enumerate(rows(20_000, seed=3))])  # fmt: skip
     worker = start_worker(
-        _args(redis_server, base, "--repository", str(example_build[0]), "-m", "tabular",
+        _args(redis_server, base, "--repository", str(tabular_repo), "-m", "tabular",
               "--batch-size", "32", "--max-in-flight", "8"),
         tmp_path,
     )  # fmt: skip
@@ -192,10 +192,10 @@ def test_sigterm_drains_what_it_read_and_exits_cleanly(
 
 
 def test_remote_predictor_and_transient_failures(
-    redis_server: RedisServer, example_build: tuple[Path, Path], tmp_path: Path
+    redis_server: RedisServer, tabular_repo: Path, tmp_path: Path
 ) -> None:
     client, base = redis_server.client(), unique("remote")
-    server = start_server(example_build[0], tmp_path, "--model", "tabular", grpc=False)
+    server = start_server(tabular_repo, tmp_path, "--model", "tabular", grpc=False)
     worker = start_worker(
         _args(redis_server, base, "--server", server.url, "--max-retries", "2",
               "--retry-backoff-ms", "50", "--timeout-ms", "2000"),
