@@ -150,6 +150,20 @@ def test_flush_waits_for_the_sink_without_closing(tmp_path: Path) -> None:
     assert [r.request_id for r in query(str(db), request_id="after-flush")] == ["after-flush"]
 
 
+def test_close_gives_up_on_a_hung_sink(caplog: pytest.LogCaptureFixture) -> None:
+    sink = ListSink(delay_s=2.0)
+    log = AuditLog(sink, flush_interval_s=0.01)
+    log.record(rec("stuck"))
+    time.sleep(0.1)  # the writer is now inside the slow write
+    log.record(rec("behind"))
+    started = time.perf_counter()
+    with caplog.at_level(logging.ERROR, logger="inferplane.audit"):
+        log.close(timeout_s=0.2)
+    assert time.perf_counter() - started < 1.5
+    assert not sink.closed  # never closed under a writer that is still inside write()
+    assert "did not finish within 0.2 s; 1 records unwritten" in caplog.text
+
+
 def test_records_after_close_are_counted_as_dropped() -> None:
     registry = CollectorRegistry()
     sink = ListSink()
