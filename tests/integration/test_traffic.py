@@ -37,8 +37,14 @@ MISBEHAVING = textwrap.dedent(
 
 
     class Model:
+        calls = 0
+
         def predict(self, inputs):
             n = inputs["input"].shape[0]
+            if MODE == "alternating" and inputs["input"].any():
+                self.calls += 1
+                if self.calls % 2:
+                    raise RuntimeError("failing every other call on purpose")
             if MODE == "slow":
                 time.sleep(0.2)
             warm_up = not inputs["input"].any()  # the server warms models up on zeros
@@ -81,6 +87,10 @@ services:
     routes: [{model: flaky_b, weight: 100}]
     cache: {size: 100, ttl_s: 60}
     breaker: null
+  retried:
+    routes: [{model: alternating, weight: 100}]
+    retries: {attempts: 1, backoff_ms: 1}
+    breaker: null
   hurried:
     routes: [{model: slow, weight: 100, timeout_ms: 50}]
     fallback: {model: tabular, version: 1}
@@ -98,7 +108,7 @@ def traffic_repo(
     shutil.copytree(example_build[0] / "tabular", repo / "tabular")
     store = Repository(str(repo))
     for name, mode in [("slow", "slow"), ("failing", "failing"), ("flaky_a", "flaky"),
-                       ("flaky_b", "flaky")]:  # fmt: skip
+                       ("flaky_b", "flaky"), ("alternating", "alternating")]:  # fmt: skip
         folder = base / name
         folder.mkdir()
         (folder / "model.py").write_text(MISBEHAVING.format(mode=mode, flag=str(_flag(repo, name))))
@@ -317,6 +327,20 @@ def test_cached_answer_for_the_same_input_when_the_version_fails(
             assert unseen.status_code == 500 and "failing on purpose" in unseen.json()["error"]
         finally:
             flaky.unlink()
+
+
+def test_retry_turns_a_transient_failure_into_an_answer(traffic_server: ServerProcess) -> None:
+    with httpx.Client(base_url=traffic_server.url) as client:
+        for _ in range(10):
+            r = infer(client, "retried")
+            assert r.status_code == 200, r.text
+            assert r.headers["x-inferplane-route"] == "primary"
+        stats = client.get("/v2/models/alternating/stats").json()["model_stats"][0]
+        assert stats["inference_stats"]["fail"]["count"] == 10  # every first try failed
+        assert stats["inference_stats"]["success"]["count"] == 10
+        # Without retries the same model fails every other call.
+        r = client.post("/v2/models/alternating/infer", json=body())
+        assert r.status_code == 500 and "every other call" in r.json()["error"]
 
 
 def test_route_timeout_falls_back_without_hanging(traffic_server: ServerProcess) -> None:
