@@ -173,6 +173,13 @@ def register_cmd(
         int, typer.Option(help="Dynamic batching: longest wait for a batch to fill (µs).")
     ] = 1000,
     instances: Annotated[int, typer.Option(help="Concurrent executions of this version.")] = 1,
+    instance_kind: Annotated[
+        str,
+        typer.Option(
+            help="thread, process (one worker process per instance, for GIL-holding Python "
+            "models) or auto (processes for python/sklearn models with several instances)."
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",
     option: Annotated[
         list[str] | None,
@@ -234,6 +241,7 @@ def register_cmd(
             else None
         ),
         instances=instances,
+        instance_kind=instance_kind,
         device=device,
         options=_parse_kv(option, "--option"),
         metadata=_parse_kv(metadata, "--metadata"),
@@ -323,7 +331,9 @@ def show_cmd(
         else f"max_batch_size={batching.max_batch_size} "
         f"max_queue_delay_us={batching.max_queue_delay_us} enabled={batching.enabled}",
     )
-    table.add_row("instances / device", f"{config.instances} / {config.device}")
+    table.add_row(
+        "instances / device", f"{config.instances} ({config.instance_kind}) / {config.device}"
+    )
     for file, digest in config.sha256.items():
         table.add_row("sha256", f"{file}  {digest}")
     for key, value in config.metadata.items():

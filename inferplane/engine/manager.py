@@ -17,6 +17,7 @@ from enum import StrEnum
 
 import numpy as np
 
+from inferplane.engine.process_runtime import ProcessRuntime, uses_processes
 from inferplane.engine.scheduler import Scheduler
 from inferplane.engine.stats import ExecutionTiming, VersionStats
 from inferplane.engine.warmup import warmup_inputs
@@ -176,6 +177,8 @@ class ModelManager:
             local_dir = self.repository.fetch(config)
         verify(config, local_dir)
         runtime = create_runtime(config, local_dir)
+        if uses_processes(config, runtime):
+            runtime = ProcessRuntime(runtime)
         runtime.load()
         try:
             runtime.predict(warmup_inputs(config))

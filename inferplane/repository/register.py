@@ -64,6 +64,7 @@ def register(
     outputs: list[TensorSpec] | None = None,
     batching: Batching | None = None,
     instances: int = 1,
+    instance_kind: str = "auto",
     device: str = "cpu",
     options: dict[str, Any] | None = None,
     metadata: dict[str, Any] | None = None,
@@ -112,6 +113,7 @@ def register(
         outputs=[TensorDecl(**t.as_dict()) for t in outputs or []],
         batching=batching,
         instances=instances,
+        instance_kind=instance_kind,
         device=device,
         options=options or {},
         metadata={

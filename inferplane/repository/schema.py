@@ -117,6 +117,10 @@ class ModelConfig(BaseModel):
     outputs: list[TensorDecl]
     batching: Batching | None = None
     instances: int = Field(default=1, ge=1)
+    # thread: instances share this process (right for runtimes that release the GIL); process:
+    # one worker process each; auto: processes for GIL-holding runtimes (python, sklearn) when
+    # instances > 1, threads otherwise.
+    instance_kind: Literal["auto", "thread", "process"] = "auto"
     queue: QueuePolicy = Field(default_factory=QueuePolicy)
     device: str = "cpu"
     options: dict[str, Any] = Field(default_factory=dict)
