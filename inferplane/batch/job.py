@@ -21,9 +21,9 @@ from typing import Any, TextIO
 from inferplane.batch.mapping import bind_inputs, parse_maps
 from inferplane.batch.progress import JobProgress
 from inferplane.batch.readers import Fragment, InputTable, open_input
-from inferplane.batch.spec import METADATA_COLUMNS, JobSpec
+from inferplane.batch.spec import METADATA_COLUMNS, JobSpec, TransientFailure
 from inferplane.batch.writer import JOB_FILE, SUCCESS, OutputLayout, output_key
-from inferplane.errors import BadRequest
+from inferplane.errors import BadRequest, DeadlineExceeded, Unavailable
 from inferplane.predictor import Signature, open_predictor
 
 ENGINES = ("local", "ray")
@@ -126,7 +126,10 @@ def plan_job(o: JobOptions) -> Plan:
     _check_options(o)
     table = open_input(o.input, o.input_format)
     models = _models_to_load(o)
-    signature = asyncio.run(_signature(o, models))
+    try:
+        signature = asyncio.run(_signature(o, models))
+    except (Unavailable, DeadlineExceeded) as exc:
+        raise TransientFailure(exc.message) from exc
     bindings = bind_inputs(signature, table.schema, parse_maps(o.maps, table.schema.names))
     columns = table.schema.names
     missing = [c for c in o.id_columns if c not in columns]

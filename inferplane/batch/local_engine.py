@@ -22,8 +22,8 @@ from typing import Any
 from inferplane.batch.fragment import FragmentScorer
 from inferplane.batch.progress import JobProgress
 from inferplane.batch.readers import Fragment, InputTable
-from inferplane.batch.spec import EXIT_RETRY, EXIT_USAGE, JobFailed, JobSpec, TransientFailure
-from inferplane.errors import BadRequest, InferplaneError
+from inferplane.batch.spec import JobFailed, JobSpec, error_from_wire, error_to_wire
+from inferplane.errors import InferplaneError
 
 OnDone = Callable[[dict[str, Any]], None]
 
@@ -87,7 +87,7 @@ def run_local(
                 remaining -= 1
                 on_done(payload)
             else:
-                raise _rebuild(*payload)
+                raise error_from_wire(*payload)
         ok = True
     finally:
         for p in procs:
@@ -116,18 +116,6 @@ def _run_inline(
         scorer.close()
 
 
-def _rebuild(code: int, message: str) -> InferplaneError:
-    if code == EXIT_USAGE:
-        return BadRequest(message)
-    if code == EXIT_RETRY:
-        return TransientFailure(message)
-    return JobFailed(message)
-
-
-def _exit_code(exc: InferplaneError) -> int:
-    return int(getattr(exc, "exit_code", EXIT_USAGE))
-
-
 def _die_with_parent() -> None:
     if sys.platform.startswith("linux"):
         with contextlib.suppress(OSError):
@@ -151,14 +139,14 @@ def _worker(
     try:
         scorer = FragmentScorer(job, table)
     except InferplaneError as exc:
-        events.put(("failed", (_exit_code(exc), exc.message)))
+        events.put(("failed", error_to_wire(exc)))
         return
     try:
         while (fragment := tasks.get()) is not None:
             try:
                 entry = scorer.score(fragment, lambda rows: events.put(("rows", rows)))
             except InferplaneError as exc:
-                events.put(("failed", (_exit_code(exc), exc.message)))
+                events.put(("failed", error_to_wire(exc)))
                 return
             except Exception as exc:
                 traceback.print_exc()

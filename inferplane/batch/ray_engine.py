@@ -18,7 +18,7 @@ from inferplane.batch.extras import require_ray
 from inferplane.batch.fragment import FragmentScorer
 from inferplane.batch.progress import JobProgress
 from inferplane.batch.readers import Fragment, InputTable
-from inferplane.batch.spec import JobFailed, JobSpec
+from inferplane.batch.spec import JobFailed, JobSpec, error_from_wire, error_to_wire
 from inferplane.errors import InferplaneError
 
 
@@ -30,7 +30,14 @@ class FragmentActor:
         self.scorer = FragmentScorer(job, table)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        entries = [json.dumps(self.scorer.score(self.fragments[int(i)])) for i in batch["index"]]
+        # Our errors travel back as data: through Ray's exception wrappers the job would lose
+        # their type, hence the exit code, and Ray Data could retry a fragment that must stop.
+        entries = []
+        for i in batch["index"]:
+            try:
+                entries.append(json.dumps(self.scorer.score(self.fragments[int(i)])))
+            except InferplaneError as exc:
+                entries.append(json.dumps({"error": error_to_wire(exc)}))
         return {"entry": np.array(entries, dtype=object)}
 
 
@@ -67,8 +74,12 @@ def run_ray(
         try:
             for row in dataset.iter_rows():
                 entry = json.loads(row["entry"])
+                if "error" in entry:
+                    raise error_from_wire(*entry["error"])
                 progress.advance(int(entry["rows_in"]))
                 on_done(entry)
+        except InferplaneError:
+            raise
         except Exception as exc:
             raise _unwrap(exc) from exc
     finally:

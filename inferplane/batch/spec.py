@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from inferplane.batch.mapping import InputBinding
-from inferplane.errors import InferplaneError
+from inferplane.errors import BadRequest, InferplaneError
 from inferplane.tensors import TensorSpec
 
 # Exit codes a scheduler can act on (docs/batch.md).
@@ -25,6 +25,19 @@ class JobFailed(InferplaneError):
 
 class TransientFailure(JobFailed):
     exit_code = EXIT_RETRY
+
+
+def error_to_wire(exc: InferplaneError) -> tuple[int, str]:
+    """An error raised in a worker process or Ray actor, as plain values for the job."""
+    return int(getattr(exc, "exit_code", EXIT_USAGE)), exc.message
+
+
+def error_from_wire(code: int, message: str) -> InferplaneError:
+    if code == EXIT_USAGE:
+        return BadRequest(message)
+    if code == EXIT_RETRY:
+        return TransientFailure(message)
+    return JobFailed(message)
 
 
 @dataclass(slots=True)
