@@ -20,7 +20,7 @@ from inferplane.batch.extras import require_pyarrow
 from inferplane.batch.mapping import map_chunk, needed_columns
 from inferplane.batch.readers import Fragment, InputTable
 from inferplane.batch.scoring import score_rows
-from inferplane.batch.spec import JobFailed, JobSpec, TransientFailure
+from inferplane.batch.spec import METADATA_COLUMNS, JobFailed, JobSpec, TransientFailure
 from inferplane.batch.writer import ERRORS, OutputLayout, ParquetOutput, output_key
 from inferplane.errors import InferplaneError
 from inferplane.predictor import Predictor, open_predictor
@@ -133,7 +133,10 @@ class FragmentScorer:
         out_schema = output_schema(job, self.table.schema)
         err_schema = errors_schema(job, self.table.schema)
         final = output_key(fragment.key)
-        output = ParquetOutput(self.layout, final, out_schema)
+        repetitive = [*METADATA_COLUMNS] + [
+            o.name for o in job.outputs if o.datatype.startswith(("INT", "UINT", "BOOL", "BYTES"))
+        ]
+        output = ParquetOutput(self.layout, final, out_schema, repetitive)
         errors_out: ParquetOutput | None = None
         rows_in = rows_errored = 0
         versions: Counter[str] = Counter()
@@ -158,22 +161,32 @@ class FragmentScorer:
                     keep[list(scored.errors)] = False
                 positions = mapped.rows[keep]
                 n_ok = len(positions)
+                whole = n_ok == chunk.num_rows  # the common case: no copies of the columns
                 if n_ok:
-                    take = pa.array(positions)
-                    arrays = [chunk.column(c).take(take) for c in job.id_columns]
+                    take = None if whole else pa.array(positions)
+                    arrays = [
+                        chunk.column(c) if take is None else chunk.column(c).take(take)
+                        for c in job.id_columns
+                    ]
                     for spec in job.outputs:
-                        values = scored.outputs[spec.name][keep]
+                        values = scored.outputs[spec.name]
+                        values = values if n_ok == len(values) else values[keep]
                         arrays.append(_column(values, out_schema.field(spec.name).type))
-                    names = scored.model_names[keep]
-                    vers = scored.model_versions[keep]
-                    versions.update(vers.tolist())
+                    if len(scored.answered) == 1:  # one version answered the whole chunk
+                        name, version = next(iter(scored.answered))
+                        names = pa.repeat(pa.scalar(name, pa.string()), n_ok)
+                        vers = pa.repeat(pa.scalar(version, pa.string()), n_ok)
+                        versions[version] += n_ok
+                    else:
+                        names = pa.array(scored.model_names[keep], type=pa.string())
+                        vers = pa.array(scored.model_versions[keep], type=pa.string())
+                        versions.update(vers.to_pylist())
+                    scored_at = pa.scalar(_now_us(), out_schema.field("scored_at").type)
                     arrays += [
-                        pa.array(names, type=pa.string()),
-                        pa.array(vers, type=pa.string()),
-                        pa.array(np.full(n_ok, job.job_id, dtype=object), type=pa.string()),
-                        pa.array(np.full(n_ok, _now_us(), dtype="datetime64[us]")).cast(
-                            out_schema.field("scored_at").type
-                        ),
+                        names,
+                        vers,
+                        pa.repeat(pa.scalar(job.job_id, pa.string()), n_ok),
+                        pa.repeat(scored_at, n_ok),
                     ]
                     output.write(pa.Table.from_arrays(arrays, schema=out_schema))
                 if errors:
@@ -250,5 +263,5 @@ def _now() -> str:
     return datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds")
 
 
-def _now_us() -> np.datetime64:
-    return np.datetime64(time.time_ns() // 1000, "us")
+def _now_us() -> int:
+    return time.time_ns() // 1000

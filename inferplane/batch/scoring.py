@@ -24,6 +24,7 @@ class Scored:
     model_names: np.ndarray  # object array, one per row
     model_versions: np.ndarray
     errors: dict[int, str] = field(default_factory=dict)  # mapped-row position -> reason
+    answered: set[tuple[str, str]] = field(default_factory=set)  # (model name, version) seen
 
 
 async def score_rows(
@@ -93,6 +94,7 @@ async def _score_range(
         target[start:stop] = value
     scored.model_names[start:stop] = prediction.model_name
     scored.model_versions[start:stop] = prediction.model_version
+    scored.answered.add((prediction.model_name, prediction.model_version))
 
 
 async def _predict(

