@@ -9,8 +9,8 @@ is at fault, and it goes to the dead-letter queue with the message.
 from __future__ import annotations
 
 import base64
+import random
 import re
-import secrets
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -28,6 +28,7 @@ from inferplane.tensors import BYTES, TensorSpec, dtype_of, from_json
 TRACEPARENT = "traceparent"
 _TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
+_random = random.Random()
 
 
 @dataclass(slots=True)
@@ -77,11 +78,12 @@ def event_time_ms(value: Any) -> int:
 
 def child_traceparent(parent: str | None) -> str:
     """A W3C traceparent for the scoring span: the caller's trace when it sent one, else a new one."""
-    span = secrets.token_hex(8)
+    # Trace ids need to be unique, not secret: the fast generator, never all zeros.
+    span = f"{_random.getrandbits(64) | 1:016x}"
     match = _TRACEPARENT_RE.match(parent.strip().lower()) if parent else None
     if match and match.group(1) != "0" * 32:
         return f"00-{match.group(1)}-{span}-{match.group(3)}"
-    return f"00-{secrets.token_hex(16)}-{span}-01"
+    return f"00-{_random.getrandbits(128) | 1:032x}-{span}-01"
 
 
 class Decoder:
@@ -177,11 +179,13 @@ class Decoder:
             shape = [1, *data.shape] if self.batched else list(data.shape)
         if known and not isinstance(value, list) and count == 1:
             value = [value]
-        if isinstance(value, list) and known and _flat_len(value) != count:
-            raise BadRequest(
-                f"input '{spec.name}' needs {count} values per event (shape {spec.shape}), "
-                f"got {_flat_len(value)}"
-            )
+        if isinstance(value, list) and known:
+            size = len(value) if not value or not isinstance(value[0], list) else _flat_len(value)
+            if size != count:
+                raise BadRequest(
+                    f"input '{spec.name}' needs {count} values per event (shape {spec.shape}), "
+                    f"got {size}"
+                )
         return from_json(spec.name, spec.datatype, shape, value)
 
     def _v2(self, tensors: list[Any]) -> tuple[dict[str, np.ndarray], int]:

@@ -81,6 +81,10 @@ class KafkaSource:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "auto.offset.reset": options.start,
+            # Measured on Tansu: the 500 ms default put p99 end-to-end lag near 1 s at half the
+            # drain rate; 10 ms brings it to ~60 ms. Brokers that answer on fetch.min.bytes are
+            # unaffected, except for more fetches while the topic is idle.
+            "fetch.wait.max.ms": 10,
             "on_commit": self._on_commit,
             **url.query,
         }
