@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 import subprocess
 import sys
@@ -246,3 +247,37 @@ def test_bad_options_are_one_line_errors(args: list[str], message: str) -> None:
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_restart_under_the_same_name_resumes_its_own_pending_entries(
+    redis_server: RedisServer, tabular_repo: Path, tmp_path: Path
+) -> None:
+    client, base = redis_server.client(), unique("restart")
+    features = rows(120, seed=6)
+    entries: list[dict[str, object]] = [
+        {"data": orjson.dumps({"id": f"p{i}", "features": r})} for i, r in enumerate(features)
+    ]
+    entries.append({"data": b"\xff\xfe\x00 binary, not UTF-8"})  # read back byte for byte
+    redis_fill(client, f"{base}-in", entries)
+    client.xgroup_create(f"{base}-in", "scorers", id="0")
+    # "scorer-1" read 70 entries, then crashed; it comes back under the same name.
+    assert len(client.xreadgroup("scorers", "scorer-1", {f"{base}-in": ">"}, count=70)[0][1]) == 70
+    worker = start_worker(
+        _args(redis_server, base, "--repository", str(tabular_repo), "-m", "tabular",
+              "--consumer", "scorer-1", "--batch-size", "16"),
+        tmp_path,
+    )  # fmt: skip
+    try:
+        wait_for(
+            lambda: client.xlen(f"{base}-out") + client.xlen(f"{base}-dlq") >= 121,
+            60, "121 results", worker,
+        )  # fmt: skip
+    finally:
+        assert worker.stop() == 0, worker.log()
+    outputs = _docs(client, f"{base}-out")
+    # Each pending entry once (its own pending list is read forward, not from 0 every time).
+    assert sorted(o["id"] for o in outputs) == sorted(f"p{i}" for i in range(120))
+    assert "redelivered=70" in worker.log()
+    (dead,) = _docs(client, f"{base}-dlq")
+    assert dead["payload_encoding"] == "base64"
+    assert base64.b64decode(dead["payload"]) == b"\xff\xfe\x00 binary, not UTF-8"
