@@ -59,6 +59,10 @@ class RepositoryError(InferplaneError):
     grpc_code = "INVALID_ARGUMENT"
 
 
+class VersionTaken(RepositoryError):
+    """Another registration holds (or finished) this version number."""
+
+
 class IntegrityError(RepositoryError):
     """An artifact's sha256 does not match what model.yaml recorded."""
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from inferplane.errors import RepositoryError
+from inferplane.errors import RepositoryError, VersionTaken
 from inferplane.repository.optimize import OPTIMIZED_ARTIFACT, OptimizeOptions, optimize_version
 from inferplane.repository.schema import MODEL_NAME, Batching, ModelConfig, TensorDecl, describe
 from inferplane.repository.store import Repository
@@ -122,8 +122,25 @@ def register(
         },
     )
     if optimize is None:
-        return repository.add_version(config, files)
-    return _add_optimized(repository, config, files, os.path.abspath(artifact), optimize)
+        return _commit(repository, config, files, auto_version=version is None)
+    return _add_optimized(
+        repository, config, files, os.path.abspath(artifact), optimize, version is None
+    )
+
+
+def _commit(
+    repository: Repository, config: ModelConfig, files: dict[str, str], auto_version: bool
+) -> ModelConfig:
+    """Write the version; a number chosen for the caller moves on when a racing registration
+    took it first (an explicit `version` is the caller's to pick again)."""
+    for _ in range(64):
+        try:
+            return repository.add_version(config, files)
+        except VersionTaken:
+            if not auto_version:
+                raise
+            config = config.model_copy(update={"version": config.version + 1})
+    raise RepositoryError(f"model '{config.name}': no free version number after 64 tries")
 
 
 def _add_optimized(
@@ -132,6 +149,7 @@ def _add_optimized(
     files: dict[str, str],
     artifact: str,
     options: OptimizeOptions,
+    auto_version: bool,
 ) -> ModelConfig:
     stem, n = OPTIMIZED_ARTIFACT.removesuffix(".onnx"), 1
     name = OPTIMIZED_ARTIFACT
@@ -148,4 +166,4 @@ def _add_optimized(
         config = ModelConfig.checked(
             f"{config.name} version {config.version}", **config.model_dump(exclude_none=True)
         )
-        return repository.add_version(config, files)
+        return _commit(repository, config, files, auto_version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,7 +20,7 @@ import fsspec
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from inferplane.errors import IntegrityError, NotFound, RepositoryError
+from inferplane.errors import IntegrityError, NotFound, RepositoryError, VersionTaken
 from inferplane.repository.schema import ALIAS_NAME, MODEL_NAME, MODEL_YAML, ModelConfig
 
 ALIASES_YAML = "aliases.yaml"
@@ -32,6 +33,9 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+CLAIM = ".claim"  # a version folder's lock file (see Repository._claim)
 
 
 class Repository:
@@ -171,11 +175,12 @@ class Repository:
         """
         vdir = self.version_path(config.name, config.version)
         if self.fs.exists(self._path(config.name, str(config.version), MODEL_YAML)):
-            raise RepositoryError(
+            raise VersionTaken(
                 f"model '{config.name}' version {config.version} already exists; "
                 "versions are immutable"
             )
         self.fs.makedirs(vdir, exist_ok=True)
+        self._claim(config, vdir)
         sums: dict[str, str] = {}
         for rel, src in sorted(files.items()):
             dest = posixpath.join(vdir, rel)
@@ -185,6 +190,20 @@ class Repository:
         committed = config.model_copy(update={"sha256": sums})
         self._write_text(posixpath.join(vdir, MODEL_YAML), committed.to_yaml())
         return committed
+
+    def _claim(self, config: ModelConfig, vdir: str) -> None:
+        """Take the version number before writing into its folder: two registrations racing for
+        it would otherwise interleave their files. The claim is an exclusive create (O_EXCL on
+        disk, a conditional put on S3); it stays behind, so a crashed registration's number is
+        never reused for different files."""
+        try:
+            with self.fs.open(posixpath.join(vdir, CLAIM), "xb") as fh:
+                fh.write(f"{os.getpid()}@{socket.gethostname()}\n".encode())
+        except FileExistsError:
+            raise VersionTaken(
+                f"model '{config.name}' version {config.version} is taken by another "
+                "registration (running, or one that crashed before it finished)"
+            ) from None
 
     # loading -----------------------------------------------------------------------------
     def fetch(self, config: ModelConfig) -> str:

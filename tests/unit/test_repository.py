@@ -493,3 +493,29 @@ metadata: {training_data: s3://lake/fraud/2026-11-01, auc: 0.91}
     assert config.max_batch_size == 32
     assert [o.name for o in config.outputs] == ["probabilities", "label"]
     assert ModelConfig.from_yaml(config.to_yaml(), "again") == config
+
+
+def test_concurrent_registrations_get_distinct_versions(
+    repo: Repository, onnx4: str, onnx8: str
+) -> None:
+    import concurrent.futures
+
+    sources = [onnx4, onnx8] * 3
+    with concurrent.futures.ThreadPoolExecutor(len(sources)) as pool:
+        # Each thread its own Repository, as separate processes would have.
+        configs = list(pool.map(lambda src: register(Repository(repo.url), "race", src), sources))
+    assert sorted(c.version for c in configs) == [1, 2, 3, 4, 5, 6]
+    assert repo.list_versions("race") == [1, 2, 3, 4, 5, 6]
+    for config, src in zip(configs, sources, strict=True):
+        stored_bytes = repo.fs.cat_file(stored(repo, "race", config.version, "model.onnx"))
+        assert stored_bytes == Path(src).read_bytes(), f"version {config.version} mixed files"
+
+
+def test_a_crashed_registration_never_lends_its_number_to_other_files(
+    repo: Repository, onnx4: str
+) -> None:
+    put(repo, f"{repo.version_path('crashed', 1)}/.claim", b"1234@elsewhere\n")
+    assert repo.list_versions("crashed") == []  # not a version: no model.yaml
+    assert register(repo, "crashed", onnx4).version == 2
+    with pytest.raises(RepositoryError, match="version 1 is taken by another registration"):
+        register(repo, "crashed", onnx4, version=1)
