@@ -7,8 +7,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-
-from inferplane.batch.spec import JobFailed
+from rich.markup import escape
 
 _out = Console()
 _err = Console(stderr=True)
@@ -119,6 +118,8 @@ def batch_command(
     """Score a table with a model. Exit codes: 0 done, 1 job failed (e.g. too many bad rows),
     2 usage or configuration error, 3 model or storage unavailable (retry later)."""
     from inferplane.batch.job import JobOptions, run_job
+    from inferplane.batch.spec import EXIT_USAGE, JobFailed
+    from inferplane.errors import InferplaneError
 
     options = JobOptions(
         input=input,
@@ -150,9 +151,20 @@ def batch_command(
         result = run_job(
             options, log=lambda line: _err.print(line, highlight=False, soft_wrap=True)
         )
-    except JobFailed as exc:
-        _err.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
-        raise typer.Exit(exc.exit_code) from None
+    except InferplaneError as exc:
+        # Printed here rather than by the CLI's generic handler: the message is escaped (an
+        # install hint such as 'inferplane[batch]' is not rich markup) and JobFailed keeps its
+        # own exit code (1 or 3); every other error is a usage error (2).
+        _err.print(f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code if isinstance(exc, JobFailed) else EXIT_USAGE) from None
+    except KeyboardInterrupt:
+        _err.print(
+            "[red]error:[/red] interrupted; committed files are kept, run the same command to "
+            "resume",
+            highlight=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(130) from None
     manifest = result.manifest
     rows = manifest.get("rows", {})
     if result.already_complete:

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any, TextIO
 
+from inferplane.batch.extras import require_pyarrow, require_ray
 from inferplane.batch.mapping import bind_inputs, parse_maps
 from inferplane.batch.progress import JobProgress
 from inferplane.batch.readers import Fragment, InputTable, open_input
@@ -98,6 +99,9 @@ def _check_options(o: JobOptions) -> None:
         raise BadRequest("--ray-address goes with --engine ray")
     if o.ray_cpus_per_actor <= 0:
         raise BadRequest("--ray-cpus-per-actor must be above 0")
+    require_pyarrow()
+    if o.engine == "ray":
+        require_ray()  # before the model loads: a missing extra is a usage error
 
 
 def _models_to_load(o: JobOptions) -> list[str]:

@@ -19,14 +19,16 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from inferplane.batch.extras import require_pyarrow
 from inferplane.errors import BadRequest
-from inferplane.predictor import Signature
 from inferplane.tensors import BYTES, DATATYPE_TO_DTYPE
+
+if TYPE_CHECKING:
+    from inferplane.predictor import Signature
 
 
 @dataclass(frozen=True, slots=True)

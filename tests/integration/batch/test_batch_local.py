@@ -18,6 +18,7 @@ import pyarrow.parquet as pq
 from tests.integration.batch.conftest import (
     FEATURES,
     assert_scores,
+    expected_scores,
     features,
     read_scores,
     run_batch,
@@ -214,3 +215,35 @@ def test_killed_midway_then_rerun_gives_exactly_one_row_per_input_row(
     assert not (out / "_tmp").exists()
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows"] == {"in": files * rows, "out": files * rows, "errored": 0}
+
+
+def test_a_service_splits_rows_between_versions_and_each_row_names_its_own(
+    repo: Path, tmp_path: Path
+) -> None:
+    x = write_parquet_files(tmp_path / "in", files=1, rows=2000)
+    policy = tmp_path / "services.yaml"
+    policy.write_text(
+        "services:\n"
+        "  propensity:\n"
+        "    routes:\n"
+        "      - {model: tabular, version: 1, weight: 50}\n"
+        "      - {model: tabular, version: 2, weight: 50}\n"
+    )
+    out = tmp_path / "out"
+    done = run_batch("-i", str(tmp_path / "in"), "-o", str(out), "-s", "propensity",
+                     "-r", str(repo), "--services", str(policy), "--id-column", "customer_id")  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = read_scores(out)
+    assert table["customer_id"].to_pylist() == list(range(2000))
+    assert set(table["model_name"].to_pylist()) == {"tabular"}
+    versions = np.array(table["model_version"].to_pylist())
+    assert set(versions) == {"1", "2"}  # 63 requests of 32 rows, each routed at random
+    labels = table["label"].to_numpy()
+    for version in ("1", "2"):
+        rows = np.flatnonzero(versions == version)
+        expected, _ = expected_scores(repo, x[rows], version=int(version))
+        np.testing.assert_array_equal(labels[rows], expected)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    counts = manifest["model"]["versions"]
+    assert counts == {v: int((versions == v).sum()) for v in ("1", "2")}
+    assert manifest["target"] == "propensity"
