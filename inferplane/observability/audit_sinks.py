@@ -83,7 +83,7 @@ class SQLiteSink:
     No index on request_id: ids are random, so each insert would land on another page of it and
     the writer's CPU per record grew from 2.6 µs to 10-23 µs (with the file's size), several per
     cent of a busy server's throughput. A lookup by id scans instead (about 0.2 s per million
-    million rows; narrow it with --since). Where lookups matter more than ingest, add the index:
+    rows here; narrow it with --since). Where lookups matter more than ingest, add the index:
     `CREATE INDEX audit_request_id ON audit (request_id)`.
 
     WAL lets `inferplane audit` read while the server writes, and several processes (replicas,
