@@ -112,10 +112,11 @@ class FragmentScorer:
             return self.loop.run_until_complete(self._score(fragment, report))
         except InferplaneError:
             raise
-        except pa.ArrowInvalid as exc:
-            raise JobFailed(f"input '{fragment.key}' cannot be read or scored: {exc}") from exc
         except OSError as exc:
             raise TransientFailure(f"input '{fragment.key}': storage error: {exc}") from exc
+        except (pa.ArrowException, ValueError, TypeError) as exc:
+            # e.g. a corrupt file, or an id column whose type differs from the first file's
+            raise JobFailed(f"input '{fragment.key}' cannot be read or scored: {exc}") from exc
 
     def close(self) -> None:
         try:

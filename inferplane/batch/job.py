@@ -164,7 +164,7 @@ def plan_job(o: JobOptions) -> Plan:
         batch_size = min(batch_size, signature.max_batch_size)
 
     identity = {
-        "input": o.input,
+        "input": o.input.rstrip("/"),
         "format": table.format,
         "target": o.target,
         "version": o.version,
