@@ -64,12 +64,6 @@ def _on_assign(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
     log.info("kafka: assigned %s", _partitions(partitions))
 
 
-def _on_revoke(_consumer: Consumer, partitions: list[TopicPartition]) -> None:
-    # Held work for these partitions still gets written; its commit may fail, and the next owner
-    # then re-reads it: duplicates, never loss.
-    log.info("kafka: revoked %s", _partitions(partitions))
-
-
 class KafkaSource:
     def __init__(self, url: BrokerURL, options: SourceOptions) -> None:
         self.topic = _topic(url)
@@ -99,10 +93,18 @@ class KafkaSource:
             # A commit lost to a rebalance only means the next owner re-reads (at-least-once).
             log.warning("offset commit failed: %s", err)
 
+    def _on_revoke(self, _consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Held work for these partitions still gets written and its commit may fail: the next
+        # owner re-reads it (duplicates, never loss). The final commit skips them, so that it
+        # cannot move the new owner's committed offset back.
+        log.info("kafka: revoked %s", _partitions(partitions))
+        for tp in partitions:
+            self._acked.pop(tp.partition, None)
+
     async def start(self) -> None:
         def make() -> Consumer:
             consumer = Consumer(self.config)
-            consumer.subscribe([self.topic], on_assign=_on_assign, on_revoke=_on_revoke)
+            consumer.subscribe([self.topic], on_assign=_on_assign, on_revoke=self._on_revoke)
             return consumer
 
         try:
@@ -152,12 +154,17 @@ class KafkaSource:
         for e in events:
             topic, partition, offset = e.token
             latest[(topic, partition)] = max(latest.get((topic, partition), -1), offset + 1)
-        for (_, partition), nxt in latest.items():
-            self._acked[partition] = nxt
-        offsets = [TopicPartition(t, p, o) for (t, p), o in latest.items()]
-        consumer = self.consumer
+        consumer, acked = self.consumer, self._acked
 
         def commit() -> None:
+            # On the consumer thread, like the revoke callback: the assignment cannot change
+            # under us, and partitions given away are never committed by this worker again.
+            owned = {tp.partition for tp in consumer.assignment()}
+            offsets = [TopicPartition(t, p, o) for (t, p), o in latest.items() if p in owned]
+            if not offsets:
+                return
+            for tp in offsets:
+                acked[tp.partition] = tp.offset
             try:
                 consumer.commit(offsets=offsets, asynchronous=True)
             except KafkaException as exc:
@@ -190,9 +197,10 @@ class KafkaSource:
         consumer = self.consumer
         if consumer is None:
             return
-        offsets = [TopicPartition(self.topic, p, o) for p, o in self._acked.items()]
+        acked, topic = self._acked, self.topic
 
         def finish() -> None:
+            offsets = [TopicPartition(topic, p, o) for p, o in acked.items()]
             if offsets:
                 try:
                     # The last acknowledgements, synchronously: a clean stop re-reads nothing.
