@@ -8,6 +8,7 @@ what makes delivery at-least-once whatever the broker.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -67,6 +68,13 @@ class Sink(Protocol):
 
     async def write(self, records: Sequence[Record]) -> None:
         """Returns once the broker has accepted every record durably; raises otherwise."""
+        ...
+
+    async def submit(self, records: Sequence[Record]) -> asyncio.Future[None]:
+        """Hand the records over in order; the receipt settles once they are all durable.
+
+        Returns when the next batch may be submitted behind these without being reordered.
+        """
         ...
 
     async def close(self) -> None: ...

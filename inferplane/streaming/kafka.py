@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -215,6 +217,12 @@ class KafkaSource:
 
 
 class KafkaSink:
+    """An idempotent acks=all producer; `submit` queues a batch and returns its delivery receipt.
+
+    Batches are queued in order and the producer keeps that order (idempotence), so the worker can
+    queue the next batch while the previous one is still being confirmed.
+    """
+
     def __init__(self, url: BrokerURL) -> None:
         self.topic = _topic(url)
         self.name = f"kafka:{self.topic}"
@@ -227,26 +235,54 @@ class KafkaSink:
         }
         self.thread = _Thread("kafka-producer")
         self.producer: Producer | None = None
+        self._poller: threading.Thread | None = None
+        self._polling = False
 
     async def start(self) -> None:
         try:
             self.producer = await self.thread.run(Producer, self.config)
         except KafkaException as exc:
             raise Unavailable(f"kafka producer for '{self.topic}' failed: {exc}") from exc
+        self._polling = True
+        # Delivery reports arrive through poll(); a thread of its own keeps them flowing while
+        # the producing thread is busy queueing the next batch.
+        self._poller = threading.Thread(target=self._poll, name="kafka-delivery", daemon=True)
+        self._poller.start()
 
-    async def write(self, records: Sequence[Record]) -> None:
+    def _poll(self) -> None:
+        producer = self.producer
+        while self._polling and producer is not None:
+            producer.poll(0.05)
+
+    async def submit(self, records: Sequence[Record]) -> asyncio.Future[None]:
+        loop = asyncio.get_running_loop()
+        receipt: asyncio.Future[None] = loop.create_future()
         if not records:
-            return
+            receipt.set_result(None)
+            return receipt
         assert self.producer is not None
         producer, topic = self.producer, self.topic
+        left: list[int] = [len(records)]
+        errors: list[KafkaError] = []
+
+        def settle() -> None:
+            if receipt.done():
+                return
+            if errors:
+                receipt.set_exception(
+                    Unavailable(f"kafka refused records to '{topic}': {errors[0]}")
+                )
+            else:
+                receipt.set_result(None)
+
+        def delivered(err: KafkaError | None, _msg: Message) -> None:  # on the delivery thread
+            if err is not None:
+                errors.append(err)
+            left[0] -= 1
+            if left[0] == 0:
+                loop.call_soon_threadsafe(settle)
 
         def send() -> None:
-            errors: list[KafkaError] = []
-
-            def delivered(err: KafkaError | None, _msg: Message) -> None:
-                if err is not None:
-                    errors.append(err)
-
             for record in records:
                 headers: list[tuple[str, str | bytes | None]] = list(record.headers.items())
                 while True:
@@ -260,17 +296,19 @@ class KafkaSink:
                         )
                         break
                     except BufferError:
-                        producer.poll(0.05)  # the local queue is full: let deliveries drain
-            left = producer.flush(30)
-            if left:
-                raise Unavailable(f"kafka did not confirm {left} records to '{topic}' within 30 s")
-            if errors:
-                raise Unavailable(f"kafka refused records to '{topic}': {errors[0]}")
+                        time.sleep(0.01)  # the local queue is full: deliveries drain it
 
         await self.thread.run(send)
+        return receipt
+
+    async def write(self, records: Sequence[Record]) -> None:
+        await (await self.submit(records))
 
     async def close(self) -> None:
         if self.producer is not None:
             await self.thread.run(self.producer.flush, 30)
-            self.producer = None
+        self._polling = False
+        if self._poller is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._poller.join)
+        self.producer = None
         self.thread.shutdown()

@@ -9,6 +9,7 @@ other field travels as a header (e.g. `traceparent`). Sinks write entries of the
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -252,6 +253,14 @@ class RedisSink:
                 raise Unavailable(
                     f"only {acked} of {self.replicas} redis replicas confirmed the write"
                 )
+
+    async def submit(self, records: Sequence[Record]) -> asyncio.Future[None]:
+        # A Redis write is durable when its reply arrives, and a second connection could
+        # reorder batches: write now, hand back a settled receipt.
+        await self.write(records)
+        receipt: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        receipt.set_result(None)
+        return receipt
 
     def _fields(self, record: Record) -> list[str]:
         fields = {self.field.decode(): record.value.decode()}

@@ -87,6 +87,9 @@ class _Scored:
     event_times_ms: list[int] = field(default_factory=list)
 
 
+_Written = tuple[list[Event], _Scored, "asyncio.Future[None]", "asyncio.Future[None]"]
+
+
 class StreamWorker:
     def __init__(
         self,
@@ -114,6 +117,8 @@ class StreamWorker:
         self._queue: asyncio.Queue[tuple[list[Event], asyncio.Task[_Scored]] | None] = (
             asyncio.Queue(maxsize=max(1, settings.max_in_flight))
         )
+        # Written, waiting for the sink's confirmation before the inputs are acknowledged.
+        self._acks: asyncio.Queue[_Written | None] = asyncio.Queue(maxsize=2)
 
     # lifecycle -----------------------------------------------------------------------------
     def stop(self) -> None:
@@ -132,22 +137,23 @@ class StreamWorker:
         ]
         reader = asyncio.create_task(self._read_loop())
         writer = asyncio.create_task(self._write_loop())
+        acker = asyncio.create_task(self._ack_loop())
         try:
             await reader
             left = None
             if self._drain_deadline is not None:
                 left = max(0.0, self._drain_deadline - time.monotonic())
             try:
-                await asyncio.wait_for(asyncio.shield(writer), left)
+                await asyncio.wait_for(asyncio.shield(asyncio.gather(writer, acker)), left)
             except TimeoutError:
                 log.warning(
                     "stream: drain timed out; %d batches left unacknowledged will be redelivered",
-                    self._queue.qsize() + 1,
+                    self._held() + 1,
                 )
         finally:
-            for task in (reader, writer, *background):
+            for task in (reader, writer, acker, *background):
                 task.cancel()
-            await asyncio.gather(reader, writer, *background, return_exceptions=True)
+            await asyncio.gather(reader, writer, acker, *background, return_exceptions=True)
             await self._close()
             self._log_line("stopped")
         return self.stats
@@ -354,16 +360,33 @@ class StreamWorker:
 
     # writing -------------------------------------------------------------------------------
     async def _write_loop(self) -> None:
+        """Hands scored batches to the sinks in read order; confirming them is _ack_loop's job."""
+        try:
+            while True:
+                item = await self._queue.get()
+                self.metrics.in_flight.set(self._held())
+                if item is None:
+                    return
+                events, task = item
+                scored = await task
+                dead = [r for r, _ in scored.dead]
+                out_receipt = await self._submit(self.sink, scored.outputs)
+                dead_receipt = await self._submit(self.dlq, dead)
+                await self._acks.put((events, scored, out_receipt, dead_receipt))
+        finally:
+            await self._acks.put(None)
+
+    async def _ack_loop(self) -> None:
+        """Once a batch's outputs and dead letters are durable, acknowledge its inputs, in order."""
         while True:
-            item = await self._queue.get()
-            self.metrics.in_flight.set(self._queue.qsize())
+            item = await self._acks.get()
+            self.metrics.in_flight.set(self._held())
             if item is None:
                 return
-            events, task = item
-            scored = await task
-            await self._durably(f"write to {self.sink.name}", self.sink.write, scored.outputs)
+            events, scored, out_receipt, dead_receipt = item
             dead = [r for r, _ in scored.dead]
-            await self._durably(f"write to {self.dlq.name}", self.dlq.write, dead)
+            await self._settle(out_receipt, self.sink, scored.outputs)
+            await self._settle(dead_receipt, self.dlq, dead)
             await self._durably(f"acknowledge on {self.source.name}", self.source.ack, events)
             now_ms = time.time() * 1000
             for t in scored.event_times_ms:
@@ -374,6 +397,35 @@ class StreamWorker:
             self.metrics.events_out.inc(len(scored.outputs))
             for _, kind in scored.dead:
                 self.metrics.events_dlq.labels(kind).inc()
+
+    def _held(self) -> int:
+        return self._queue.qsize() + self._acks.qsize()
+
+    async def _submit(self, sink: Sink, records: list[Record]) -> asyncio.Future[None]:
+        attempt = 0
+        while True:
+            try:
+                return await sink.submit(records)
+            except Exception as exc:
+                attempt += 1
+                if self._drain_deadline is not None and time.monotonic() > self._drain_deadline:
+                    raise
+                delay = self._backoff(attempt)
+                log.warning("stream: could not write to %s (%s); retrying in %.1fs",
+                            sink.name, exc, delay)  # fmt: skip
+                await asyncio.sleep(delay)
+
+    async def _settle(
+        self, receipt: asyncio.Future[None], sink: Sink, records: list[Record]
+    ) -> None:
+        try:
+            await receipt
+        except Exception as exc:
+            # The broker gave up on a queued batch (e.g. down past the producer's own retries):
+            # write it again; the inputs stay unacknowledged until it is in.
+            log.warning("stream: %s did not confirm %d records (%s); writing them again",
+                        sink.name, len(records), exc)  # fmt: skip
+            await self._durably(f"write to {sink.name}", sink.write, records)
 
     async def _durably(
         self, what: str, call: Callable[[Sequence[Any]], Awaitable[None]], items: Sequence[Any]
