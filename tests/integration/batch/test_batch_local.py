@@ -200,7 +200,10 @@ def test_killed_midway_then_rerun_gives_exactly_one_row_per_input_row(
     committed = len(list(entries.iterdir()))
     assert 0 < committed < files, f"{committed} of {files} committed when killed"
     assert not (out / "_SUCCESS").exists()
-    time.sleep(0.5)  # the workers die with the job (PR_SET_PDEATHSIG); give them a moment
+    # The workers die with the job (PR_SET_PDEATHSIG): nothing commits after the kill, although
+    # an orphaned worker would finish a 30,000-row file in well under this wait.
+    time.sleep(2)
+    assert len(list(entries.iterdir())) == committed
 
     rerun = run_batch(*args)
     assert rerun.returncode == 0, rerun.stderr
