@@ -7,11 +7,14 @@ import logging
 import os
 import signal
 import socket
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from inferplane.errors import BadRequest
+
+if TYPE_CHECKING:  # the command module stays light: the worker loads when a stream starts
+    from inferplane.streaming.worker import WorkerSettings
 
 log = logging.getLogger("inferplane.stream")
 
@@ -161,7 +164,7 @@ async def _run(
     time_field: str | None,
     claim_idle_ms: int,
     start: str,
-    settings: object,
+    settings: WorkerSettings,
     metrics_port: int,
     metrics_host: str,
 ) -> None:
@@ -169,9 +172,8 @@ async def _run(
     from inferplane.streaming.codec import Decoder
     from inferplane.streaming.connector import SourceOptions, open_sink, open_source
     from inferplane.streaming.metrics import StreamMetrics
-    from inferplane.streaming.worker import StreamWorker, WorkerSettings
+    from inferplane.streaming.worker import StreamWorker
 
-    assert isinstance(settings, WorkerSettings)
     # Parse every URL before loading models: a typo should not cost a model load.
     src = open_source(source, SourceOptions(group, consumer, start, claim_idle_ms))
     out, dead = open_sink(sink), open_sink(dlq, "--dlq")

@@ -139,17 +139,25 @@ class StreamWorker:
         writer = asyncio.create_task(self._write_loop())
         acker = asyncio.create_task(self._ack_loop())
         try:
-            await reader
-            left = None
-            if self._drain_deadline is not None:
-                left = max(0.0, self._drain_deadline - time.monotonic())
-            try:
-                await asyncio.wait_for(asyncio.shield(asyncio.gather(writer, acker)), left)
-            except TimeoutError:
-                log.warning(
-                    "stream: drain timed out; %d batches left unacknowledged will be redelivered",
-                    self._held() + 1,
+            pending: set[asyncio.Task[None]] = {reader, writer, acker}
+            while pending:
+                done, pending = await asyncio.wait(
+                    pending, timeout=0.5, return_when=asyncio.FIRST_EXCEPTION
                 )
+                for task in done:
+                    error = task.exception()
+                    if error is not None:
+                        # A stage died (a bug, or a broker gone past the drain deadline): stop
+                        # here; what is not acknowledged is redelivered to the group.
+                        raise error
+                late = self._drain_deadline is not None and time.monotonic() > self._drain_deadline
+                if pending and late:
+                    log.warning(
+                        "stream: drain timed out; %d batches left unacknowledged will be "
+                        "redelivered",
+                        self._held() + 1,
+                    )
+                    break
         finally:
             for task in (reader, writer, acker, *background):
                 task.cancel()
@@ -206,7 +214,12 @@ class StreamWorker:
             left = deadline - time.monotonic()
             if left <= 0:
                 break
-            more = await self.source.fetch(size - len(batch), left)
+            try:
+                more = await self.source.fetch(size - len(batch), left)
+            except Exception as exc:
+                # Never drop what was already read: Kafka would commit past it.
+                log.warning("stream: reading %s failed (%s)", self.source.name, exc)
+                break
             if not more:
                 break
             batch.extend(more)
@@ -229,6 +242,9 @@ class StreamWorker:
                     self._dead(event, f"undecodable event: {exc.message}", exc, 0),
                     "decode",
                 )
+            except Exception as exc:  # a payload shape the decoder did not foresee: still poison
+                reason = f"undecodable event: {_describe(exc)}"
+                failed[i] = (self._dead(event, reason, exc, 0), "decode")
         results = await asyncio.gather(*(self._predict(c) for c in self._chunks(decoded)))
         by_event: dict[int, tuple[Record, str | None]] = {}
         times: dict[int, int] = {}
