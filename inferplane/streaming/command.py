@@ -55,6 +55,16 @@ def stream_command(
     version: Annotated[
         str | None, typer.Option(help="Pin a model version or alias; default: routed.")
     ] = None,
+    services: Annotated[
+        str | None,
+        typer.Option(
+            help="In-process: traffic policy file; default: <repository>/services.yaml if any."
+        ),
+    ] = None,
+    audit_sink: Annotated[
+        str | None,
+        typer.Option(help="In-process: audit every predictor call to this sink (docs/audit.md)."),
+    ] = None,
     map_: Annotated[
         list[str] | None,
         typer.Option(
@@ -134,6 +144,8 @@ def stream_command(
         repository=repository,
         server=server,
         models=list(model or []),
+        services=services,
+        audit_sink=audit_sink,
         mapping=parse_mapping(map_ or []),
         time_field=time_field,
         claim_idle_ms=claim_idle_ms,
@@ -160,6 +172,8 @@ async def _run(
     repository: str | None,
     server: str | None,
     models: list[str],
+    services: str | None,
+    audit_sink: str | None,
     mapping: dict[str, list[str]],
     time_field: str | None,
     claim_idle_ms: int,
@@ -179,7 +193,18 @@ async def _run(
     out, dead = open_sink(sink), open_sink(dlq, "--dlq")
     if source in (sink, dlq):
         raise BadRequest("--source must differ from --sink and --dlq (outputs would be rescored)")
-    async with open_predictor(repository=repository, server=server, models=models) as predictor:
+    if server is not None and (services or audit_sink):
+        raise BadRequest(
+            "--services and --audit-sink apply in-process; with --server, the server applies "
+            "its own policy and audit"
+        )
+    async with open_predictor(
+        repository=repository,
+        server=server,
+        models=models,
+        services=services,
+        audit_sink=audit_sink,
+    ) as predictor:
         signature = await predictor.signature(settings.target, settings.version)
         decoder = Decoder(signature, mapping, id_field=settings.id_field, time_field=time_field)
         metrics = StreamMetrics()

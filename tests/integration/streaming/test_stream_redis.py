@@ -28,10 +28,10 @@ from tests.integration.streaming.harness import (
 TRACE = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 
 
-def _args(redis_server: RedisServer, base: str, *extra: str) -> list[str]:
+def _args(redis_server: RedisServer, base: str, *extra: str, service: str = "tabular") -> list[str]:
     return [
         "--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
-        "--dlq", redis_server.url(f"{base}-dlq"), "--group", "scorers", "--service", "tabular",
+        "--dlq", redis_server.url(f"{base}-dlq"), "--group", "scorers", "--service", service,
         "--max-wait-ms", "5", *extra,
     ]  # fmt: skip
 
@@ -141,6 +141,34 @@ async def test_scores_a_stream_in_process(
     assert "inferplane_stream_end_to_end_lag_seconds_count 301.0" in metrics
     assert "inferplane_stream_batch_size_count" in metrics
     assert "inferplane_stream_consumer_lag" in metrics
+
+
+def test_service_routing_and_audit_in_process(
+    redis_server: RedisServer, example_build: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """The example repository's `reco` service (90/10 split of tabular versions 1 and 2)."""
+    client, base = redis_server.client(), unique("reco")
+    redis_fill(client, f"{base}-in", [{"data": orjson.dumps({"id": f"s{i}", "features": r})}
+                                     for i, r in enumerate(rows(400, seed=8))])  # fmt: skip
+    audit = tmp_path / "audit.jsonl"
+    worker = start_worker(
+        _args(redis_server, base, "--repository", str(example_build[0]), "-m", "tabular",
+              "--audit-sink", f"jsonl:{audit}", "--batch-size", "8", service="reco"),
+        tmp_path,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: client.xlen(f"{base}-out") >= 400, 60, "400 outputs", worker)
+    finally:
+        assert worker.stop() == 0, worker.log()
+    outputs = _docs(client, f"{base}-out")
+    routes = {(o["route"], o["model_version"]) for o in outputs}
+    assert routes <= {("primary", "1"), ("canary", "2")}, routes
+    assert ("primary", "1") in routes
+    assert {o["model_name"] for o in outputs} == {"tabular"}
+    records = [orjson.loads(line) for line in audit.read_text().splitlines()]
+    assert records and {r["service"] for r in records} == {"reco"}
+    assert all(r["request_id"].startswith(f"redis:{base}-in/") for r in records)
+    assert {(r["route"], r["version"]) for r in records} == routes
 
 
 def test_takes_over_a_dead_consumers_pending_entries(
