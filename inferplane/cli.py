@@ -9,6 +9,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from inferplane import __version__
@@ -46,7 +47,11 @@ def one_line_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except InferplaneError as exc:
-            err_console.print(f"[red]error:[/red] {exc.message}", highlight=False, soft_wrap=True)
+            # Escaped: messages quote user text and pip extras (`inferplane[batch]`) that rich
+            # would otherwise read as markup and drop.
+            err_console.print(
+                f"[red]error:[/red] {escape(exc.message)}", highlight=False, soft_wrap=True
+            )
             raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]

@@ -143,7 +143,7 @@ class InProcessPredictor:
             routed = await self.services.predict(target, inputs, outputs, context)
             return Prediction(routed.outputs, routed.model, routed.version, routed.route)
         lv, route = self.router.resolve(target, version)
-        result = await self._run(lv, inputs, outputs, context.deadline, context.priority)
+        result = await self._run(lv, inputs, outputs, context.deadline, context)
         return Prediction(result, lv.name, lv.version, route)
 
     async def _run(
@@ -152,14 +152,23 @@ class InProcessPredictor:
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None,
         deadline: float | None,
-        priority: int,
+        context: RequestContext,
     ) -> dict[str, np.ndarray]:
         """One version, validated and counted; framework errors mapped to ours."""
         validate_inputs(lv.config, inputs, outputs)
         started = time.perf_counter_ns()
         ok = False
         try:
-            result = await self.manager.infer(lv, dict(inputs), outputs, deadline, priority)
+            result = await self.manager.infer(
+                lv,
+                dict(inputs),
+                outputs,
+                deadline,
+                context.priority,
+                # Offline scoring may hand the model more rows than an online execution takes:
+                # it runs alone, in one execution, where large batches are cheapest per row.
+                oversize=context.pattern == "batch",
+            )
             ok = True
             return result
         except InferplaneError:

@@ -160,7 +160,8 @@ def plan_job(o: JobOptions) -> Plan:
             )
         keys[out] = fragment.key
     batch_size = o.batch_size
-    if signature.max_batch_size > 0:
+    if signature.max_batch_size > 0 and o.server is not None:
+        # A server holds requests to its online limit; in-process, batch calls may exceed it.
         batch_size = min(batch_size, signature.max_batch_size)
 
     identity = {

@@ -108,7 +108,7 @@ async def _predict(
                 inputs,
                 version=job.version,
                 outputs=[o.name for o in job.outputs],
-                context=RequestContext(request_id=request_id),
+                context=RequestContext(request_id=request_id, pattern="batch"),
             )
         except (Unavailable, DeadlineExceeded) as exc:
             if attempt == job.retries:

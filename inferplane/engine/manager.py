@@ -255,9 +255,10 @@ class ModelManager:
         outputs: Sequence[str] | None,
         deadline: float | None = None,
         priority: int = 0,
+        oversize: bool = False,
     ) -> dict[str, np.ndarray]:
         """Queue one request on the version's scheduler; `deadline` is a time.monotonic()."""
         scheduler = lv.scheduler
         if lv.state is not State.READY or scheduler is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
-        return await scheduler.submit(inputs, outputs, deadline, priority)
+        return await scheduler.submit(inputs, outputs, deadline, priority, oversize)

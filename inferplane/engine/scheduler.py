@@ -102,9 +102,11 @@ class Scheduler:
         outputs: Sequence[str] | None,
         deadline: float | None = None,
         priority: int = 0,
+        oversize: bool = False,
     ) -> Outputs:
+        """`oversize`: accept more rows than max_batch_size (run alone, in one execution)."""
         rows = batch_rows(inputs) if self.batch_dim else 1
-        if self.batch_dim and rows > self.max_rows:
+        if self.batch_dim and rows > self.max_rows and not oversize:
             # Triton's rule: a request larger than one execution is the caller's error.
             raise BadRequest(
                 f"model {self.name}: batch of {rows} rows exceeds max_batch_size {self.max_rows}"

@@ -40,9 +40,9 @@ from inferplane.routing.router import Router
 
 log = logging.getLogger("inferplane.routing")
 
-# (version, inputs, outputs, deadline, priority) -> outputs; raises InferplaneError
+# (version, inputs, outputs, deadline, context) -> outputs; raises InferplaneError
 RunVersion = Callable[
-    [LoadedVersion, Mapping[str, np.ndarray], Sequence[str] | None, float | None, int],
+    [LoadedVersion, Mapping[str, np.ndarray], Sequence[str] | None, float | None, RequestContext],
     Awaitable[dict[str, np.ndarray]],
 ]
 
@@ -172,7 +172,7 @@ class Services:
         self._count(service, routed)
         shadow = service.spec.shadow
         if shadow is not None and random.random() * 100 < shadow.percent:
-            self._start_shadow(service, inputs, routed)
+            self._start_shadow(service, inputs, routed, ctx)
         return routed
 
     async def _attempt(
@@ -200,7 +200,7 @@ class Services:
                 mine = time.monotonic() + timeout_ms / 1000
                 deadline = mine if deadline is None else min(deadline, mine)
             try:
-                result = await self.run(lv, inputs, outputs, deadline, ctx.priority)
+                result = await self.run(lv, inputs, outputs, deadline, ctx)
             except _CALLER_FAULTS:
                 if breaker is not None:
                     breaker.success()  # the version worked; the input was wrong
@@ -263,7 +263,11 @@ class Services:
 
     # shadow ------------------------------------------------------------------------------
     def _start_shadow(
-        self, service: CompiledService, inputs: Mapping[str, np.ndarray], primary: Routed
+        self,
+        service: CompiledService,
+        inputs: Mapping[str, np.ndarray],
+        primary: Routed,
+        ctx: RequestContext,
     ) -> None:
         shadow = service.spec.shadow
         assert shadow is not None
@@ -277,7 +281,7 @@ class Services:
             return
         self._shadow_inflight[service.name] = busy + 1
         task = asyncio.get_running_loop().create_task(
-            self._run_shadow(service, shadow, inputs, primary)
+            self._run_shadow(service, shadow, inputs, primary, ctx.request_id, ctx.pattern)
         )
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
@@ -288,13 +292,16 @@ class Services:
         shadow: Target,
         inputs: Mapping[str, np.ndarray],
         primary: Routed,
+        primary_id: str,
+        pattern: str,
     ) -> None:
         model, version = shadow.model, shadow.version or ""
+        shadow_ctx = RequestContext(request_id=f"{primary_id}:shadow", pattern=pattern)
         try:
             lv, _ = self.router.resolve(shadow.model, shadow.version)
             model, version = lv.name, lv.version
             started = time.perf_counter()
-            result = await self.run(lv, inputs, None, None, 0)
+            result = await self.run(lv, inputs, None, None, shadow_ctx)
             elapsed = time.perf_counter() - started
         except Exception as exc:  # a shadow's failure is a metric, never the caller's problem
             log.debug("service %s: shadow %s:%s failed: %s", service.name, model, version, exc)

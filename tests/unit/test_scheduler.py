@@ -208,6 +208,19 @@ async def test_request_larger_than_max_batch_is_refused(tmp_path: Path) -> None:
     scheduler.close()
 
 
+async def test_offline_callers_may_exceed_max_batch_in_one_execution(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path, batching=Batching(max_batch_size=4))
+    scheduler, _ = _scheduler(runtime, config)
+    x = np.stack([np.arange(10.0), np.zeros(10)], axis=1)
+    big, one = await asyncio.gather(
+        scheduler.submit({"x": x}, None, oversize=True),
+        scheduler.submit({"x": np.array([[100.0, 0.0]])}, None),
+    )
+    scheduler.close()
+    assert big["y"].tolist() == [2.0 * i for i in range(10)] and one["y"].tolist() == [200.0]
+    assert sorted(len(c) for c in runtime.model.calls) == [1, 10], "alone, in one execution"
+
+
 async def test_full_queue_answers_at_once_and_accepted_work_completes(tmp_path: Path) -> None:
     runtime, config = _recorder(tmp_path)
     scheduler, stats = _scheduler(runtime, config, queue=QueuePolicy(max_size=4))

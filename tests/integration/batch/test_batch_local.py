@@ -234,7 +234,8 @@ def test_a_service_splits_rows_between_versions_and_each_row_names_its_own(
     )
     out = tmp_path / "out"
     done = run_batch("-i", str(tmp_path / "in"), "-o", str(out), "-s", "propensity",
-                     "-r", str(repo), "--services", str(policy), "--id-column", "customer_id")  # fmt: skip
+                     "-r", str(repo), "--services", str(policy), "--id-column", "customer_id",
+                     "--batch-size", "32")  # fmt: skip
     assert done.returncode == 0, done.stderr
     table = read_scores(out)
     assert table["customer_id"].to_pylist() == list(range(2000))
