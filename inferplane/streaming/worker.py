@@ -297,6 +297,7 @@ class StreamWorker:
                 + (f"+{len(chunk) - 1}" if len(chunk) > 1 else ""),
                 deadline=time.monotonic() + s.timeout_ms / 1000,
                 traceparent=chunk[0].event.headers.get("traceparent") if len(chunk) == 1 else None,
+                pattern="stream",
             )
             try:
                 prediction = await self.predictor.predict(
