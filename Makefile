@@ -11,7 +11,8 @@ HTTP_PORT ?= 8080
 GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
 
-.PHONY: setup system-deps models run test lint typecheck pytest bench clean
+.PHONY: setup system-deps models run test lint typecheck pytest bench bench-serving bench-traffic \
+	bench-stream bench-batch clean
 
 $(STAMP): pyproject.toml scripts/venv.sh
 	./scripts/venv.sh dev
@@ -45,9 +46,23 @@ pytest: setup system-deps
 test: lint typecheck pytest
 
 # make bench [FAST=1] [BENCH_ARGS="--models tabular --with-triton ..."]; see benchmarks/README.md
+# Each part also runs alone: make bench-serving | bench-traffic | bench-stream | bench-batch
 BENCH_ARGS ?=
-bench: setup system-deps
+bench: bench-serving bench-traffic bench-stream bench-batch
+
+bench-serving: setup system-deps
 	$(PY) benchmarks/run.py $(if $(filter 1,$(FAST)),--fast) $(BENCH_ARGS)
+
+bench-traffic: models system-deps
+	$(PY) benchmarks/traffic_overhead.py $(if $(filter 1,$(FAST)),--seconds 6 --rounds 2)
+	$(PY) benchmarks/audit_bench.py
+
+bench-stream: models system-deps
+	$(PY) benchmarks/stream_bench.py --repository examples/models \
+		$(if $(filter 1,$(FAST)),--events 50000 --seconds 8)
+
+bench-batch: setup
+	$(PY) benchmarks/batch_bench.py $(if $(filter 1,$(FAST)),--rows 1000000,--rows 5000000)
 
 clean:
 	rm -rf $(VENV) examples/models examples/artifacts .pytest_cache .mypy_cache .ruff_cache
