@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 .PHONY: setup system-deps models run test lint typecheck pytest bench bench-serving bench-traffic \
 	bench-stream bench-batch clean
 
-$(STAMP): pyproject.toml scripts/venv.sh
+$(STAMP): pyproject.toml scripts/venv.sh scripts/constraints.txt
 	./scripts/venv.sh dev
 	touch $(STAMP)
 

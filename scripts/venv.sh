@@ -26,4 +26,4 @@ if [ ! -x .venv/bin/python ]; then
   .venv/bin/pip install -q --upgrade pip
 fi
 .venv/bin/pip install -q 'torch==2.13.0'
-.venv/bin/pip install -q -e ".[$extras]"
+.venv/bin/pip install -q -e ".[$extras]" -c scripts/constraints.txt
