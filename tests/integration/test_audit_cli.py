@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,13 +14,30 @@ import pytest
 
 from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
 
-NOW = time.time()
-RECORDS = [
-    AuditRecord("req-old", NOW - 7200, "reco", "tabular", "1", "production", 1.1, 200),
-    AuditRecord("req-canary", NOW - 120, "reco", "tabular", "2", "canary", 2.25, 200, "acme"),
-    AuditRecord("req-fraud", NOW - 60, "fraud", "forest", "3", "direct", 0.5, 200),
-    AuditRecord("req-503", NOW - 5, "reco", "", "", "fallback", 9.0, 503, error="model overloaded"),
+RECORDS = [  # times: seconds before the file is written (see `stamped`)
+    AuditRecord("req-old", 7200, "reco", "tabular", "1", "production", 1.1, 200),
+    AuditRecord("req-canary", 120, "reco", "tabular", "2", "canary", 2.25, 200, "acme"),
+    AuditRecord("req-fraud", 60, "fraud", "forest", "3", "direct", 0.5, 200),
+    AuditRecord("req-503", 5, "reco", "", "", "fallback", 9.0, 503, error="model overloaded"),
 ]
+
+
+def write(spec: str) -> float:
+    """Write RECORDS, timed relative to now (a suite can take minutes to reach a test)."""
+    now = time.time()
+    with AuditLog(open_sink(spec)) as log:
+        for rec in RECORDS:
+            log.record(dataclasses.replace(rec, time=now - rec.time))
+    return now
+
+
+@dataclasses.dataclass
+class AuditFile:
+    path: Path
+    now: float
+
+    def __str__(self) -> str:
+        return str(self.path)
 
 
 def audit(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -63,15 +81,12 @@ def table_rows(stdout: str) -> dict[str, list[str]]:
 
 
 @pytest.fixture(scope="module")
-def audit_db(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def audit_db(tmp_path_factory: pytest.TempPathFactory) -> AuditFile:
     path = tmp_path_factory.mktemp("audit") / "audit.db"
-    with AuditLog(open_sink(str(path))) as log:
-        for rec in RECORDS:
-            log.record(rec)
-    return path
+    return AuditFile(path, write(str(path)))
 
 
-def test_request_id_as_json(audit_db: Path) -> None:
+def test_request_id_as_json(audit_db: AuditFile) -> None:
     out = ok(audit("--db", str(audit_db), "--request-id", "req-canary", "--json"))
     [line] = out.splitlines()
     doc = json.loads(line)
@@ -83,16 +98,16 @@ def test_request_id_as_json(audit_db: Path) -> None:
         "status": 200,
         "tenant": "acme",
     }
-    assert doc["time"] == pytest.approx(NOW - 120)
+    assert doc["time"] == pytest.approx(audit_db.now - 120)
     assert doc["time_iso"].endswith("Z")
 
 
-def test_since_and_service_as_a_table(audit_db: Path) -> None:
+def test_since_and_service_as_a_table(audit_db: AuditFile) -> None:
     out = ok(audit("--db", str(audit_db), "--since", "10m", "--service", "reco"))
     rows = table_rows(out)
     assert set(rows) == {"req-canary", "req-503"}
     time_iso, _, tenant, service, model, version, route, latency, status, error = rows["req-canary"]
-    assert time_iso.startswith(time.strftime("%Y-%m-%d", time.gmtime(NOW - 120)))
+    assert time_iso.startswith(time.strftime("%Y-%m-%d", time.gmtime(audit_db.now - 120)))
     assert time_iso.endswith("Z")
     assert (tenant, service, model, version, route, latency, status) == (
         "acme",
@@ -107,7 +122,7 @@ def test_since_and_service_as_a_table(audit_db: Path) -> None:
     assert rows["req-503"][-2:] == ["503", "model overloaded"]
 
 
-def test_filters_and_limit(audit_db: Path) -> None:
+def test_filters_and_limit(audit_db: AuditFile) -> None:
     db = str(audit_db)
     assert json_ids(ok(audit("--db", db, "--json"))) == [r.request_id for r in RECORDS]
     assert json_ids(ok(audit("--sink", db, "--json", "--limit", "2"))) == ["req-fraud", "req-503"]
@@ -125,9 +140,7 @@ def test_filters_and_limit(audit_db: Path) -> None:
 
 def test_jsonl_sink(tmp_path: Path) -> None:
     path = tmp_path / "audit.jsonl"
-    with AuditLog(open_sink(f"jsonl:{path}")) as log:
-        for rec in RECORDS:
-            log.record(rec)
+    write(f"jsonl:{path}")
     out = ok(audit("--sink", f"jsonl:{path}", "--since", "90s", "--json"))
     assert json_ids(out) == ["req-fraud", "req-503"]
 
@@ -141,7 +154,7 @@ def test_jsonl_sink(tmp_path: Path) -> None:
         ("-5m", "--since '-5m' is not a duration"),
     ],
 )
-def test_bad_since(audit_db: Path, since: str, expected: str) -> None:
+def test_bad_since(audit_db: AuditFile, since: str, expected: str) -> None:
     one_line_error(audit("--db", str(audit_db), "--since", since), expected)
 
 
