@@ -448,7 +448,9 @@ class Bench:
             serve = (
                 f"{shlex.quote(str(IP_VENV / 'bin' / 'inferplane'))} serve "
                 f"--repository {shlex.quote(str(self.repo))} --host 127.0.0.1 "
-                "--http-port {http_port} --grpc-port {grpc_port} --log-level warning"
+                "--http-port {http_port} --grpc-port {grpc_port} --log-level warning "
+                # audit on, as served by default, into the bench's own folder
+                f"--audit-sink {shlex.quote(str(self.repo.parent / 'audit.db'))}"
             )
             custom = {
                 "SERVERS": "custom",
@@ -624,7 +626,7 @@ class Bench:
         run_id = utcnow().strftime("%Y%m%dT%H%M%SZ")
         cmd = [str(IP_VENV / "bin" / "inferplane"), "serve", "--repository", str(self.repo)]
         cmd += ["--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(grpc_port)]
-        cmd += ["--log-level", "warning"]
+        cmd += ["--log-level", "warning", "--audit-sink", str(self.repo.parent / "audit.db")]
         launch = [sys.executable, str(p2 / "launch.py"), "--timeout", "150"]
         launch += ["--log", str(logs / f"inferplane_{run_id}.log")]
         launch += ["--pidfile", str(logs / "inferplane.pid")]
