@@ -17,6 +17,7 @@ from inferplane.observability.audit import AuditLog, open_sink
 from inferplane.observability.metrics import Metrics
 from inferplane.predictor import InProcessPredictor
 from inferplane.protocols import services_rest, v1_rest, v2_rest
+from inferplane.protocols.coalescing_http import CoalescingHttpToolsProtocol
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
 from inferplane.repository.store import Repository
@@ -125,7 +126,7 @@ async def _serve_uvicorn(app: InferEndpoint, settings: ServerSettings) -> None:
         host=settings.host,
         port=settings.http_port,
         loop="uvloop",
-        http="httptools",
+        http=CoalescingHttpToolsProtocol,  # httptools, one write per response
         log_level=settings.log_level,
         access_log=False,
         lifespan="on",

@@ -51,6 +51,17 @@ def test_health_and_server_metadata(client: httpx.Client) -> None:
     )
 
 
+def test_bodiless_answers_and_closing_connections_are_sent(server: ServerProcess) -> None:
+    """The HTTP front end holds a response head until its body: answers without a body, and
+    connections the client closes after the answer, must still get everything."""
+    with httpx.Client(base_url=server.url, timeout=5) as plain:
+        head = plain.head("/v2/health/live")
+        assert head.status_code == 200 and head.content == b""
+        for _ in range(3):
+            r = plain.get("/v2/health/ready", headers={"connection": "close"})
+            assert r.json() == {"ready": True}
+
+
 def test_model_metadata_ready_and_config(client: httpx.Client) -> None:
     meta = client.get("/v2/models/tabular").json()
     assert meta["versions"] == ["1", "2"]
