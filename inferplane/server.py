@@ -129,6 +129,7 @@ async def _serve_uvicorn(app: InferEndpoint, settings: ServerSettings) -> None:
         http=CoalescingHttpToolsProtocol,  # httptools, one write per response
         log_level=settings.log_level,
         access_log=False,
+        proxy_headers=False,  # no X-Forwarded-* rewriting: nothing here reads the client address
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
