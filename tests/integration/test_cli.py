@@ -334,6 +334,7 @@ def test_serve_from_s3_and_infer(
     log = tmp_path / "server.log"
     env = dict(os.environ)
     env["TMPDIR"] = str(tmp_path)  # the S3 download cache lands in tmp_path
+    env["INFERPLANE_AUDIT"] = str(tmp_path / "audit.db")  # not the working directory
     with open(log, "wb") as fh:
         proc = subprocess.Popen(
             [
