@@ -80,6 +80,13 @@ class InProcessPredictor:
         self.services = Services(self.router, self._run, manager.metrics)
         self.audit = audit
 
+    async def aclose(self) -> None:
+        """Let shadows finish, stop the models, flush the audit trail."""
+        await self.services.drain_shadows()
+        await self.manager.close()
+        if self.audit is not None:
+            await asyncio.to_thread(self.audit.close)
+
     def is_service(self, target: str) -> bool:
         return target in self.services.compiled
 
@@ -190,6 +197,29 @@ class InProcessPredictor:
             lv.stats.record_request(ok, time.perf_counter_ns() - started)
 
 
+def build_in_process(
+    repository: str,
+    *,
+    models: Sequence[str] = (),
+    services: str | None = None,
+    audit_sink: str | None = None,
+    strict_readiness: bool = False,
+) -> tuple[InProcessPredictor, PolicySource]:
+    """The server's and the commands' in-process stack: a manager over `repository` (models not
+    loaded yet), its predictor with the audit trail, and where its traffic policy comes from
+    (`services`, default `<repository>/services.yaml` when present)."""
+    metrics = Metrics()
+    manager = ModelManager(
+        Repository(repository), metrics, list(models) or None, strict_readiness=strict_readiness
+    )
+    audit = AuditLog(open_sink(audit_sink), registry=metrics.registry) if audit_sink else None
+    predictor = InProcessPredictor(manager, audit)
+    policy = PolicySource(
+        services or default_services_url(repository), predictor.services, services is not None
+    )
+    return predictor, policy
+
+
 @contextlib.asynccontextmanager
 async def open_predictor(
     *,
@@ -218,24 +248,15 @@ async def open_predictor(
             await remote.aclose()
         return
     assert repository is not None
-    metrics = Metrics()
-    manager = ModelManager(Repository(repository), metrics, list(models) or None)
-    audit = AuditLog(open_sink(audit_sink), registry=metrics.registry) if audit_sink else None
-    predictor = InProcessPredictor(manager, audit)
+    predictor, policy = build_in_process(
+        repository, models=models, services=services, audit_sink=audit_sink
+    )
     try:
-        await manager.load_initial()
-        policy = PolicySource(
-            services or default_services_url(repository),
-            predictor.services,
-            required=services is not None,
-        )
+        await predictor.manager.load_initial()
         await asyncio.to_thread(policy.load)
         yield predictor
     finally:
-        await predictor.services.drain_shadows()
-        await manager.close()
-        if audit is not None:
-            await asyncio.to_thread(audit.close)
+        await predictor.aclose()
 
 
 def _is_invalid_argument(exc: Exception) -> bool:

@@ -12,16 +12,11 @@ from dataclasses import dataclass, field
 import uvicorn
 from starlette.applications import Starlette
 
-from inferplane.engine.manager import ModelManager
-from inferplane.observability.audit import AuditLog, open_sink
-from inferplane.observability.metrics import Metrics
-from inferplane.predictor import InProcessPredictor
+from inferplane.predictor import build_in_process
 from inferplane.protocols import services_rest, v1_rest, v2_rest
 from inferplane.protocols.coalescing_http import CoalescingHttpToolsProtocol
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
-from inferplane.repository.store import Repository
-from inferplane.routing.policy_source import PolicySource, default_services_url
 
 log = logging.getLogger("inferplane.server")
 
@@ -43,29 +38,19 @@ class ServerSettings:
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
-    metrics = Metrics()
-    manager = ModelManager(
-        Repository(settings.repository),
-        metrics,
-        settings.models or None,
+    predictor, policy = build_in_process(
+        settings.repository,
+        models=settings.models,
+        services=settings.services,
+        audit_sink=settings.audit_sink,
         strict_readiness=settings.strict_readiness,
     )
-    metrics.inflight.set_function(lambda: manager.inflight)
-    audit = (
-        AuditLog(open_sink(settings.audit_sink), registry=metrics.registry)
-        if settings.audit_sink
-        else None
-    )
-    predictor = InProcessPredictor(manager, audit)
-    policy = PolicySource(
-        settings.services or default_services_url(settings.repository),
-        predictor.services,
-        required=settings.services is not None,
-    )
+    manager = predictor.manager
+    manager.metrics.inflight.set_function(lambda: manager.inflight)
     return ServingDeps(
         manager=manager,
         predictor=predictor,
-        metrics=metrics,
+        metrics=manager.metrics,
         max_payload_bytes=settings.max_payload_bytes,
         policy=policy,
         watch_policy=settings.watch,
@@ -80,10 +65,7 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
         yield
         for task in tasks:
             task.cancel()
-        await deps.predictor.services.drain_shadows()
-        await deps.manager.close()
-        if deps.predictor.audit is not None:
-            await asyncio.to_thread(deps.predictor.audit.close)
+        await deps.predictor.aclose()
 
     routes = (
         v2_rest.build_routes(deps) + v1_rest.build_routes(deps) + services_rest.build_routes(deps)
