@@ -25,18 +25,20 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _version_text(cls: type, data: object) -> object:
+    """`version: 2` in YAML is a number; versions and aliases are text from here on."""
+    if isinstance(data, dict) and isinstance(data.get("version"), int):
+        data = {**data, "version": str(data["version"])}
+    return data
+
+
 class Target(_Strict):
     """One model version: `version` is a number, an alias (production, canary) or omitted."""
 
     model: str
     version: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _version_as_text(cls, data: object) -> object:
-        if isinstance(data, dict) and isinstance(data.get("version"), int):
-            data = {**data, "version": str(data["version"])}
-        return data
+    _version_as_text = model_validator(mode="before")(_version_text)
 
     def label(self) -> str:
         return f"{self.model}:{self.version or 'default'}"
@@ -108,12 +110,7 @@ class Fallback(_Strict):
     model: str | None = None
     version: str | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def _version_as_text(cls, data: object) -> object:
-        if isinstance(data, dict) and isinstance(data.get("version"), int):
-            data = {**data, "version": str(data["version"])}
-        return data
+    _version_as_text = model_validator(mode="before")(_version_text)
 
     @model_validator(mode="after")
     def _one_target(self) -> Fallback:
