@@ -35,7 +35,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import contextlib
 
-import report  # sibling module (benchmarks/ is not a package)
+import host  # sibling modules (benchmarks/ is not a package)
+import report
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / ".bench"
@@ -622,7 +623,7 @@ class Bench:
         if not todo:
             log("inferplane with loadgen.py: kept from the interrupted run")
             return
-        port, grpc_port = free_port(), free_port()
+        port, grpc_port = host.free_port(), host.free_port()
         run_id = utcnow().strftime("%Y%m%dT%H%M%SZ")
         cmd = [str(IP_VENV / "bin" / "inferplane"), "serve", "--repository", str(self.repo)]
         cmd += ["--host", "127.0.0.1", "--http-port", str(port), "--grpc-port", str(grpc_port)]
@@ -1067,14 +1068,6 @@ class Bench:
 # ---------------------------------------------------------------------------------- helpers
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def stop_pid(pid: int) -> None:
     """TERM a server this script started (by PID), KILL it after 20 s."""
     try:
@@ -1112,31 +1105,18 @@ def git_describe() -> str:
 
 
 def collect_machine(started: str, loadavg: str) -> dict[str, Any]:
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return ""
-
-    cpu = re.search(r"^model name\s*:\s*(.+)$", read("/proc/cpuinfo"), re.M)
-    mem = re.search(r"^MemTotal:\s*(\d+) kB", read("/proc/meminfo"), re.M)
-    osr = re.search(r'^PRETTY_NAME="?([^"\n]+)', read("/etc/os-release"), re.M)
     info: dict[str, Any] = {
-        "cpu_model": cpu.group(1).strip() if cpu else platform.processor(),
-        "cpus": os.cpu_count(),
+        **host.machine_basics(),
         "cpu_affinity": len(os.sched_getaffinity(0)),
-        "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-        "os": osr.group(1) if osr else platform.platform(),
         "kernel": platform.release(),
-        "python": platform.python_version(),
         "loadavg_1m_at_start": loadavg,
         "started_utc": started,
         "inferplane_git_at_start": git_describe(),
     }
-    cpu_max = read("/sys/fs/cgroup/cpu.max").strip()
+    cpu_max = host.read_text("/sys/fs/cgroup/cpu.max").strip()
     if cpu_max:
         info["cgroup_cpu_max"] = cpu_max
-    mem_max = read("/sys/fs/cgroup/memory.max").strip()
+    mem_max = host.read_text("/sys/fs/cgroup/memory.max").strip()
     if mem_max:
         info["cgroup_memory_max"] = mem_max
     return info

