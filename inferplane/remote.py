@@ -27,11 +27,13 @@ from inferplane.errors import (
 )
 from inferplane.predictor import Prediction, RequestContext, Signature
 from inferplane.protocols.v2_codec import HEADER_LENGTH as _HEADER_LENGTH
+from inferplane.protocols.v2_codec import TENANT_HEADER as _TENANT_HEADER
 from inferplane.protocols.v2_codec import TIMEOUT_HEADER as _TIMEOUT_HEADER
 from inferplane.tensors import TensorSpec, datatype_of, from_json, from_raw, to_raw
 
 HEADER_LENGTH = _HEADER_LENGTH.decode()
 TIMEOUT_HEADER = _TIMEOUT_HEADER.decode()
+TENANT_HEADER = _TENANT_HEADER.decode()
 
 _BY_STATUS: dict[int, type[InferplaneError]] = {
     400: BadRequest,
@@ -110,7 +112,7 @@ class RemotePredictor:
             "x-request-id": context.request_id,
         }
         if context.tenant:
-            headers["x-tenant"] = context.tenant
+            headers[TENANT_HEADER] = context.tenant
         if context.traceparent:
             headers["traceparent"] = context.traceparent
         headers.update(context.headers)

@@ -17,7 +17,7 @@ from inferplane.engine.manager import State
 from inferplane.errors import BadRequest, NotFound
 from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
-from inferplane.protocols.v2_codec import loads
+from inferplane.protocols.v2_codec import TENANT_HEADER, loads
 from inferplane.protocols.v2_rest import guarded, json_response, read_body
 from inferplane.repository.schema import ModelConfig
 from inferplane.tensors import BYTES, bytes_as_str, dtype_of
@@ -90,7 +90,7 @@ def build_routes(deps: ServingDeps) -> list[Route]:
             inputs,
             version=version,
             context=RequestContext(
-                tenant=request.headers.get("x-tenant"), headers=dict(request.headers)
+                tenant=request.headers.get(TENANT_HEADER.decode()), headers=dict(request.headers)
             ),
         )
         columns = {k: _plain(v) for k, v in prediction.outputs.items()}
