@@ -182,7 +182,9 @@ def register_cmd(
         str,
         typer.Option(
             help="thread, process (one worker process per instance, for GIL-holding Python "
-            "models) or auto (processes for python/sklearn models with several instances)."
+            "models), loop (executions on the event loop, for models that take microseconds) or "
+            "auto (the loop when one instance's full batch measures within 150 µs at load, "
+            "processes for python/sklearn models with several instances, threads otherwise)."
         ),
     ] = "auto",
     device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N.")] = "cpu",

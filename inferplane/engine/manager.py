@@ -20,7 +20,7 @@ import numpy as np
 from inferplane.engine.process_runtime import ProcessRuntime, uses_processes
 from inferplane.engine.scheduler import Scheduler
 from inferplane.engine.stats import ExecutionTiming, VersionStats
-from inferplane.engine.warmup import warmup_inputs
+from inferplane.engine.warmup import warm_up
 from inferplane.errors import (
     InferplaneError,
     InternalError,
@@ -153,7 +153,7 @@ class ModelManager:
         started = time.perf_counter()
         labels = (lv.name, lv.version)
         try:
-            runtime = await asyncio.to_thread(self._load_runtime, lv.config)
+            runtime, on_loop = await asyncio.to_thread(self._load_runtime, lv.config)
         except InferplaneError as exc:
             lv.state, lv.reason = State.UNAVAILABLE, exc.message
         except Exception as exc:  # a framework's own error while loading a bad artifact
@@ -162,7 +162,11 @@ class ModelManager:
             lv.runtime, lv.platform = runtime, runtime.model_platform
             lv.observe = VersionMetrics(self.metrics, lv.name, lv.version)
             lv.scheduler = Scheduler(
-                runtime, lv.config, self._recorder(lv), arrivals_hint=lambda: self.inflight
+                runtime,
+                lv.config,
+                self._recorder(lv),
+                arrivals_hint=lambda: self.inflight,
+                on_loop=on_loop,
             )
             lv.state = State.READY
         if lv.state is State.READY:
@@ -172,7 +176,8 @@ class ModelManager:
         self.metrics.model_ready.labels(*labels).set(1 if lv.state is State.READY else 0)
         self.metrics.model_load_seconds.labels(*labels).set(time.perf_counter() - started)
 
-    def _load_runtime(self, config: ModelConfig) -> Runtime:
+    def _load_runtime(self, config: ModelConfig) -> tuple[Runtime, bool]:
+        """The loaded, warmed-up runtime, and whether its executions run on the event loop."""
         with self._repo_lock:
             local_dir = self.repository.fetch(config)
         verify(config, local_dir)
@@ -181,11 +186,11 @@ class ModelManager:
             runtime = ProcessRuntime(runtime)
         runtime.load()
         try:
-            runtime.predict(warmup_inputs(config))
+            on_loop = warm_up(runtime, config)
         except Exception as exc:
             runtime.unload()
             raise InternalError(f"warm-up failed: {type(exc).__name__}: {exc}") from exc
-        return runtime
+        return runtime, on_loop
 
     async def unload_model(self, name: str) -> None:
         async with self._lock:

@@ -150,6 +150,7 @@ class ProcessRuntime(Runtime):
     """Stands in for `inner` (already constructed, not loaded here) with one process per instance."""
 
     releases_gil = True  # the calling threads only wait on pipes
+    loop_safe = False
 
     def __init__(self, inner: Runtime, optimized: bool = True) -> None:
         super().__init__(inner.config, inner.local_dir)

@@ -1,8 +1,16 @@
-"""Per-version scheduling: a bounded priority queue, dynamic batching, and instance threads.
+"""Per-version scheduling: a bounded priority queue, dynamic batching, and where executions run.
 
-Requests are queued from the event loop; each instance is a thread that takes work off the queue,
-packs it into one batch along the first dimension (never splitting a request), runs the model once
-and hands every request its own rows back. The event loop never runs model code.
+Requests are queued from the event loop. An execution takes work off the queue, packs it into one
+batch along the first dimension (never splitting a request), runs the model once and hands every
+request its own rows back. Executions run either
+
+- on instance threads (the default): model code runs beside the event loop, which suits anything
+  that takes longer than a thread handoff; or
+- on the event loop itself (`on_loop`), for models whose whole batch runs in tens of
+  microseconds. There a thread costs more than the model: the worker finishes in ~30 us and then
+  waits for the GIL, which a busy event loop gives up only every switch interval (5 ms), and the
+  loop must be woken to deliver. On the loop, the requests that arrived in one loop iteration form
+  one batch, run at once, and are answered without any handoff.
 
 Batching rule: an instance that becomes free takes everything queued (up to `max_batch_size` rows)
 at once, so under load batches form without any wait. It waits up to `max_queue_delay_us` for more
@@ -68,6 +76,7 @@ class Scheduler:
         config: ModelConfig,
         on_execution: Callable[[ExecutionTiming], None],
         arrivals_hint: Callable[[], int] = lambda: 0,
+        on_loop: bool = False,
     ) -> None:
         self.runtime = runtime
         self.name = f"{config.name} v{config.version}"
@@ -87,9 +96,12 @@ class Scheduler:
         self.queued = 0
         self.executing = 0  # requests inside running executions
         self.closing = False
+        self.on_loop = on_loop
+        # loops with a flush pending: one in a server; tests and embedders may drive others
+        self._flush_scheduled: set[asyncio.AbstractEventLoop] = set()
         self.threads = [
             threading.Thread(target=self._worker, name=f"{self.name}#{i}", daemon=True)
-            for i in range(config.instances)
+            for i in range(0 if on_loop else config.instances)
         ]
         self._alive = len(self.threads)
         for t in self.threads:
@@ -128,6 +140,10 @@ class Scheduler:
             self.levels[level].append(work)
             self.queued += 1
             self.cond.notify()
+        if self.on_loop and loop not in self._flush_scheduled:
+            # after the handlers that are ready in this loop iteration: they batch together
+            self._flush_scheduled.add(loop)
+            loop.call_soon(self._flush, loop)
         if deadline is not None:
             work.timer = loop.call_at(
                 loop.time() + (deadline - time.monotonic()), self._expire, work
@@ -144,6 +160,32 @@ class Scheduler:
                     "work not yet started was dropped"
                 )
             )
+
+    # loop side (on_loop) -------------------------------------------------------------------
+    def _flush(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run one batch of what is queued; another flush follows while work remains, so that the
+        loop reads sockets between executions."""
+        self._flush_scheduled.discard(loop)
+        with self.cond:
+            batch: list[Work] = []
+            self._take(batch, 0)
+            self.executing += len(batch)
+        try:
+            if batch:
+                self._execute(batch)
+        except Exception as exc:
+            log.exception("execution of %s failed outside the model", self.name)
+            self._resolve(batch, None, InternalError(f"model {self.name}: {exc}"))
+        finally:
+            with self.cond:
+                self.executing -= len(batch)
+                more = self.queued > 0
+                last = self.closing and not more and not self.executing
+            if more and loop not in self._flush_scheduled:
+                self._flush_scheduled.add(loop)
+                loop.call_soon(self._flush, loop)
+            elif last:
+                self._unload()
 
     # worker side -------------------------------------------------------------------------
     def _take(self, batch: list[Work], rows: int) -> int:
@@ -214,10 +256,13 @@ class Scheduler:
                 self._alive -= 1
                 last = self._alive == 0
             if last:
-                try:
-                    self.runtime.unload()
-                except Exception:
-                    log.exception("unloading %s failed", self.name)
+                self._unload()
+
+    def _unload(self) -> None:
+        try:
+            self.runtime.unload()
+        except Exception:
+            log.exception("unloading %s failed", self.name)
 
     def _execute(self, batch: list[Work]) -> None:
         started = time.perf_counter_ns()
@@ -270,6 +315,15 @@ class Scheduler:
     def _resolve(
         self, batch: list[Work], results: list[Outputs] | None, error: BaseException | None
     ) -> None:
+        if self.on_loop:
+            here = _running_loop()
+            if all(w.loop is here for w in batch):
+                _deliver(batch, results, error)
+                return
+            if any(w.loop is not batch[0].loop for w in batch):
+                for i, work in enumerate(batch):  # each request back to its own loop
+                    self._resolve([work], None if results is None else [results[i]], error)
+                return
         # One wake-up of the event loop per execution, not one per request.
         try:
             batch[0].loop.call_soon_threadsafe(_deliver, batch, results, error)
@@ -282,6 +336,9 @@ class Scheduler:
         with self.cond:
             self.closing = True
             self.cond.notify_all()
+            idle = self.on_loop and not self.queued and not self.executing
+        if idle and not self._flush_scheduled:
+            self._unload()
 
     @property
     def depth(self) -> int:
@@ -299,6 +356,13 @@ def _deliver(batch: list[Work], results: list[Outputs] | None, error: BaseExcept
         else:
             assert results is not None
             work.future.set_result(results[i])
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _union(wanted: list[Sequence[str] | None]) -> list[str] | None:

@@ -2,6 +2,10 @@
 `tritonclient.grpc` and perf_analyzer work: streaming infer, model config, statistics and the
 model repository ride along with the V2 core, plus the standard `grpc.health.v1` service.
 
+The transport is our own (protocols/grpc_h2.py: HTTP/2 via `h2` on the server's event loop, not
+grpc.aio, which cost more than twice as much per call); the servicers below are plain classes
+whose methods it routes to.
+
 Handlers stay thin and answer exactly like the REST front end (v2_rest.py): the same model views,
 the same errors (each InferplaneError carries its gRPC code) and the same metrics, labelled
 protocol="grpc".
@@ -27,16 +31,14 @@ import grpc
 import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health_pb2
 
 from inferplane.errors import BadRequest, DeadlineExceeded, InferplaneError
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import Prediction, RequestContext
-from inferplane.protocols import model_views
+from inferplane.protocols import grpc_h2, model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
-from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2_grpc as pb_grpc
 from inferplane.protocols.v2_codec import (
     ROUTE_PARAMETER,
     TENANT_HEADER,
@@ -198,7 +200,7 @@ def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStream
     return pb.ModelStreamInferResponse(error_message=message, infer_response=failed)
 
 
-class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+class InferenceServicer:
     def __init__(self, deps: ServingDeps) -> None:
         self.deps = deps
         self.manager = deps.manager
@@ -401,60 +403,58 @@ def _parse(doc: Any, message: M) -> M:
 # --- server -------------------------------------------------------------------------------------
 
 
-async def _mirror_readiness(
-    server: Any, deps: ServingDeps, health: health_aio.HealthServicer
-) -> None:
-    """Keep the health service in step with /v2/health/ready until the server stops, so that a
-    Kubernetes gRPC probe and the HTTP one agree (SERVING once the initial load is done)."""
-    stopped = asyncio.ensure_future(server.wait_for_termination())
-    serving: bool | None = None
+class HealthServicer:
+    """`grpc.health.v1.Health` answering from the server's readiness, like /v2/health/ready, so
+    that a Kubernetes gRPC probe and the HTTP one agree (SERVING once the initial load is done).
+    Known services: "" (the server) and the inference service."""
+
+    def __init__(self, deps: ServingDeps) -> None:
+        self.deps = deps
+
+    def _status(self, service: str) -> int:
+        if service not in ("", SERVICE_NAME):
+            raise grpc_h2.AbortError(grpc.StatusCode.NOT_FOUND, f"unknown service '{service}'")
+        ready = self.deps.manager.ready
+        return health_pb2.HealthCheckResponse.SERVING if ready else _NOT_SERVING
+
+    async def Check(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> health_pb2.HealthCheckResponse:
+        return health_pb2.HealthCheckResponse(status=self._status(request.service))
+
+    async def Watch(
+        self, request: health_pb2.HealthCheckRequest, context: Any
+    ) -> AsyncIterator[health_pb2.HealthCheckResponse]:
+        """The status now, then each change (polled), until the client cancels."""
+        last = None
+        while True:
+            status = self._status(request.service)
+            if status != last:
+                yield health_pb2.HealthCheckResponse(status=status)
+                last = status
+            await asyncio.sleep(READINESS_POLL_S)
+
+
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> grpc_h2.GrpcServer:
+    """Build, bind and start the gRPC server (inference and health services)."""
+    routes = grpc_h2.methods_of(
+        InferenceServicer(deps), pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], pb
+    )
+    routes.update(
+        grpc_h2.methods_of(
+            HealthServicer(deps), health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2
+        )
+    )
+    server = grpc_h2.GrpcServer(routes, deps.max_payload_bytes)
     try:
-        while not stopped.done():
-            ready = deps.manager.ready
-            if ready != serving:
-                status = (
-                    health_pb2.HealthCheckResponse.SERVING
-                    if ready
-                    else health_pb2.HealthCheckResponse.NOT_SERVING
-                )
-                for service in ("", SERVICE_NAME):
-                    await health.set(service, status)
-                serving = ready
-            await asyncio.wait({stopped}, timeout=READINESS_POLL_S)
-    finally:
-        stopped.cancel()
-
-
-_background: set[asyncio.Task[None]] = set()  # strong references: the loop keeps only weak ones
+        await server.start(host, port)
+    except OSError as exc:
+        raise OSError(f"cannot bind the gRPC port {_address(host, port)}: {exc}") from exc
+    return server
 
 
 def _address(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host and not host.startswith("[") else f"{host}:{port}"
-
-
-async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> Any:
-    """Build, bind and start the gRPC server (returns the `grpc.aio.Server`)."""
-    limit = deps.max_payload_bytes
-    # Beyond these sizes grpc answers RESOURCE_EXHAUSTED itself, naming both sizes.
-    options = [
-        ("grpc.max_send_message_length", limit),
-        ("grpc.max_receive_message_length", limit),
-    ]
-    server = grpc.aio.server(options=options)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(deps), server)
-    health = health_aio.HealthServicer()
-    for service in ("", SERVICE_NAME):
-        await health.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    address = _address(host, port)
-    try:
-        bound = server.add_insecure_port(address)
-    except RuntimeError as exc:  # grpc raises when the address is taken or invalid
-        raise OSError(f"cannot bind the gRPC port {address}: {exc}") from exc
-    if bound == 0:
-        raise OSError(f"cannot bind the gRPC port {address}")
-    await server.start()
-    task = asyncio.create_task(_mirror_readiness(server, deps, health))
-    _background.add(task)
-    task.add_done_callback(_background.discard)
-    return server

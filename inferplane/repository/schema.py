@@ -6,7 +6,7 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferplane.errors import RepositoryError
 from inferplane.tensors import DATATYPE_TO_DTYPE, TensorSpec
@@ -118,9 +118,11 @@ class ModelConfig(BaseModel):
     batching: Batching | None = None
     instances: int = Field(default=1, ge=1)
     # thread: instances share this process (right for runtimes that release the GIL); process:
-    # one worker process each; auto: processes for GIL-holding runtimes (python, sklearn) when
-    # instances > 1, threads otherwise.
-    instance_kind: Literal["auto", "thread", "process"] = "auto"
+    # one worker process each; loop: executions run on the event loop (models that take
+    # microseconds); auto: the loop for one instance whose full batch measured within the loop
+    # budget at load, processes for GIL-holding runtimes (python, sklearn) when instances > 1,
+    # threads otherwise.
+    instance_kind: Literal["auto", "thread", "process", "loop"] = "auto"
     queue: QueuePolicy = Field(default_factory=QueuePolicy)
     device: str = "cpu"
     options: dict[str, Any] = Field(default_factory=dict)
@@ -150,6 +152,15 @@ class ModelConfig(BaseModel):
         if not v:
             raise ValueError("at least one tensor is required")
         return v
+
+    @model_validator(mode="after")
+    def _one_loop_instance(self) -> ModelConfig:
+        if self.instance_kind == "loop" and self.instances != 1:
+            raise ValueError(
+                "instance_kind loop runs one execution at a time on the event loop; "
+                "set instances: 1, or use thread/process for several instances"
+            )
+        return self
 
     @property
     def max_batch_size(self) -> int:

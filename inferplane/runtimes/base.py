@@ -27,13 +27,16 @@ class Signature:
 class Runtime(ABC):
     """Loads one model version and runs it on a dict of numpy arrays.
 
-    `predict` is called from a worker thread, never from the event loop, with inputs already
-    validated against the signature. It returns every output it can, or those in `outputs`.
+    `predict` is called from an instance thread, or from the event loop for a `loop_safe` runtime
+    that measured fast enough (engine/warmup.py), with inputs already validated against the
+    signature. It returns every output it can, or those in `outputs`.
     """
 
     name: ClassVar[str]
     platform: ClassVar[str]  # the V2 `platform` string, e.g. onnx_onnxv1
     releases_gil: ClassVar[bool] = True  # may the engine run several instances in threads?
+    # may a fast model run on the event loop? Not when predict may block on I/O or other processes
+    loop_safe: ClassVar[bool] = True
     artifact_suffixes: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, config: ModelConfig, local_dir: str) -> None:

@@ -64,6 +64,7 @@ class PythonRuntime(Runtime):
     name = "python"
     platform = "python"
     releases_gil = False
+    loop_safe = False  # user code may wait on I/O
     artifact_suffixes = (".py",)
 
     def load(self) -> None:

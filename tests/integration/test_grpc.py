@@ -616,3 +616,79 @@ def test_metrics_count_grpc(
         'model="_unknown"' in ln and 'protocol="grpc"' in ln and 'status="404"' in ln
         for ln in lines
     ), lines
+
+
+# --- the transport (protocols/grpc_h2.py): flow control, compression, cancellation --------------
+
+
+def test_answers_larger_than_the_clients_window_arrive_whole(server: ServerProcess) -> None:
+    # ~3.5 MB out: far past a client's initial 64 KiB window, so the server must wait for window
+    # updates while sending; three calls at once on one connection share its window.
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.random(900_000).astype(np.float32) for _ in range(3)]
+    for x in arrays:
+        x[0] = 0.0  # the slow model sleeps x[0] seconds, then echoes x
+    c = grpcclient.InferenceServerClient(server.grpc_target)
+    try:
+        with ThreadPoolExecutor(3) as pool:
+            outputs = list(pool.map(lambda x: c.infer("slow", _echo(x)).as_numpy("y"), arrays))
+    finally:
+        c.close()
+    for x, got in zip(arrays, outputs, strict=True):
+        np.testing.assert_array_equal(got, x)
+
+
+def _echo(x: np.ndarray) -> list[grpcclient.InferInput]:
+    inp = grpcclient.InferInput("x", list(x.shape), "FP32")
+    inp.set_data_from_numpy(x)
+    return [inp]
+
+
+def test_compressed_requests(client: grpcclient.InferenceServerClient) -> None:
+    x = np.arange(100_000, dtype=np.float32) % 7  # compresses well; x[0] = 0: no sleep
+    for algorithm in ("gzip", "deflate"):
+        got = client.infer("slow", _echo(x), compression_algorithm=algorithm)
+        np.testing.assert_array_equal(got.as_numpy("y"), x)
+
+
+def test_unknown_method_is_unimplemented(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"", timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert "NoSuchMethod" in (info.value.details() or "")
+
+
+def test_malformed_request_message(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as info:
+            call(b"\xff\xff\xff", timeout=5)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "malformed request" in (info.value.details() or "")
+
+
+def test_a_cancelled_call_leaves_the_connection_serving(server: ServerProcess) -> None:
+    channel, stub = _stub(server)
+    with channel:
+        request = service_pb2.ModelInferRequest(model_name="slow")
+        tensor = request.inputs.add(name="x", datatype="FP32", shape=[1])
+        tensor.contents.fp32_contents.append(0.5)
+        future = stub.ModelInfer.future(request, timeout=10)
+        time.sleep(0.1)
+        assert future.cancel()
+        # the same connection goes on: another call is answered while the first is dropped
+        ready = stub.ServerReady(service_pb2.ServerReadyRequest(), timeout=5)
+        assert ready.ready
+
+
+def test_health_watch_streams_the_status(server: ServerProcess) -> None:
+    with grpc.insecure_channel(server.grpc_target) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watch = health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+        first = next(iter(watch))
+        assert first.status == health_pb2.HealthCheckResponse.SERVING
+        watch.cancel()

@@ -98,20 +98,26 @@ def _recorder(tmp_path: Path, **kwargs: Any) -> tuple[Runtime, ModelConfig]:
 
 
 def _scheduler(
-    runtime: Runtime, config: ModelConfig, **updates: Any
+    runtime: Runtime, config: ModelConfig, on_loop: bool = False, **updates: Any
 ) -> tuple[Scheduler, VersionStats]:
     stats = VersionStats()
-    scheduler = Scheduler(runtime, config.model_copy(update=updates), stats.record_execution)
+    scheduler = Scheduler(
+        runtime, config.model_copy(update=updates), stats.record_execution, on_loop=on_loop
+    )
     return scheduler, stats
 
 
+@pytest.mark.parametrize("on_loop", [False, True], ids=["threads", "on_loop"])
 @pytest.mark.parametrize("seed", [1, 2, 3])
 @pytest.mark.parametrize("model", ["forest", "mlp"])
-async def test_batched_results_equal_unbatched(tmp_path: Path, model: str, seed: int) -> None:
+async def test_batched_results_equal_unbatched(
+    tmp_path: Path, model: str, seed: int, on_loop: bool
+) -> None:
     artifact = _forest(tmp_path / "m.onnx") if model == "forest" else _mlp(tmp_path / "m.onnx")
     batching = Batching(max_batch_size=16, max_queue_delay_us=2000)
-    runtime, config = _runtime(tmp_path, model, artifact, batching=batching, instances=2)
-    scheduler, stats = _scheduler(runtime, config)
+    instances = 1 if on_loop else 2
+    runtime, config = _runtime(tmp_path, model, artifact, batching=batching, instances=instances)
+    scheduler, stats = _scheduler(runtime, config, on_loop)
     rng = random.Random(seed)
     data = np.random.default_rng(seed).standard_normal((400, 8)).astype(np.float32)
     # Requests of 1..6 rows, arriving in bursts and trickles.
@@ -143,11 +149,12 @@ async def test_batched_results_equal_unbatched(tmp_path: Path, model: str, seed:
     scheduler.close()
 
 
-async def test_no_request_gets_another_requests_rows(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_loop", [False, True], ids=["threads", "on_loop"])
+async def test_no_request_gets_another_requests_rows(tmp_path: Path, on_loop: bool) -> None:
     runtime, config = _recorder(
         tmp_path, batching=Batching(max_batch_size=8, max_queue_delay_us=3000)
     )
-    scheduler, stats = _scheduler(runtime, config)
+    scheduler, stats = _scheduler(runtime, config, on_loop)
     rng = random.Random(7)
     ids, next_id = [], 0
     for _ in range(60):
@@ -158,12 +165,12 @@ async def test_no_request_gets_another_requests_rows(tmp_path: Path) -> None:
         *(scheduler.submit({"x": np.array([[i, 0.001] for i in req], dtype=np.float64)}, None)
           for req in ids)
     )  # fmt: skip
+    calls = [list(c) for c in runtime.model.calls]  # type: ignore[attr-defined]
     scheduler.close()
     for req, got in zip(ids, results, strict=True):
         assert got["y"].tolist() == [2.0 * i for i in req]
     assert stats.execution_count < len(ids)
     # A request is never split across executions.
-    calls = [list(c) for c in runtime.model.calls]  # type: ignore[attr-defined]
     for req in ids:
         assert any(req == c[k : k + len(req)] for c in calls for k in range(len(c)))
 
@@ -221,9 +228,12 @@ async def test_offline_callers_may_exceed_max_batch_in_one_execution(tmp_path: P
     assert sorted(len(c) for c in runtime.model.calls) == [1, 10], "alone, in one execution"
 
 
-async def test_full_queue_answers_at_once_and_accepted_work_completes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("on_loop", [False, True], ids=["threads", "on_loop"])
+async def test_full_queue_answers_at_once_and_accepted_work_completes(
+    tmp_path: Path, on_loop: bool
+) -> None:
     runtime, config = _recorder(tmp_path)
-    scheduler, stats = _scheduler(runtime, config, queue=QueuePolicy(max_size=4))
+    scheduler, stats = _scheduler(runtime, config, on_loop, queue=QueuePolicy(max_size=4))
     started = time.monotonic()
 
     async def call(i: int) -> Any:
@@ -344,3 +354,120 @@ async def test_a_fault_outside_the_model_does_not_kill_the_instance(tmp_path: Pa
     got = await asyncio.wait_for(scheduler.submit({"x": np.array([[2.0, 0.0]])}, None), 5)
     assert got["y"].tolist() == [4.0]
     scheduler.close()
+
+
+# --- executions on the event loop (models that take microseconds) ---------------------------------
+
+
+async def test_on_loop_requests_of_one_loop_iteration_form_one_batch(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path, batching=Batching(max_batch_size=8, max_queue_delay_us=0))
+    scheduler, stats = _scheduler(runtime, config, on_loop=True)
+    assert not scheduler.threads, "no instance thread when executions run on the loop"
+    results = await asyncio.gather(
+        *(scheduler.submit({"x": np.array([[float(i), 0.0]])}, None) for i in range(20))
+    )
+    sizes = [len(c) for c in runtime.model.calls]  # type: ignore[attr-defined]
+    scheduler.close()
+    assert [r["y"].tolist() for r in results] == [[2.0 * i] for i in range(20)]
+    # 20 requests queued in one iteration: batches of 8, 8, 4, one flush after another
+    assert sizes == [8, 8, 4]
+    assert stats.execution_count == 3
+
+
+async def test_on_loop_expired_work_never_reaches_the_model(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    scheduler, _ = _scheduler(runtime, config, on_loop=True)
+    with pytest.raises(DeadlineExceeded):
+        await scheduler.submit({"x": np.array([[99.0, 0.0]])}, None, deadline=time.monotonic())
+    got = await scheduler.submit({"x": np.array([[3.0, 0.0]])}, None)
+    seen = [float(v) for c in runtime.model.calls for v in c]  # type: ignore[attr-defined]
+    scheduler.close()
+    assert got["y"].tolist() == [6.0] and seen == [3.0]
+
+
+async def test_on_loop_close_finishes_queued_work_then_unloads(tmp_path: Path) -> None:
+    runtime, config = _recorder(tmp_path)
+    unloaded = []
+    runtime.unload = lambda: unloaded.append(True)  # type: ignore[method-assign]
+    scheduler, _ = _scheduler(runtime, config, on_loop=True)
+    pending = [asyncio.ensure_future(scheduler.submit({"x": np.array([[float(i), 0.0]])}, None))
+               for i in range(5)]  # fmt: skip
+    await asyncio.sleep(0)  # submitted, not yet run
+    scheduler.close()
+    with pytest.raises(Unavailable, match="unloading"):
+        await scheduler.submit({"x": np.array([[9.0, 0.0]])}, None)
+    assert not unloaded, "unloaded under queued work"
+    assert [r["y"].tolist() for r in await asyncio.gather(*pending)] == [
+        [2.0 * i] for i in range(5)
+    ]
+    assert unloaded == [True]
+
+
+async def test_on_loop_serves_callers_on_another_event_loop(tmp_path: Path) -> None:
+    """One loop per process is the server's case; an embedder driving a second loop in another
+    thread still gets its own answers, delivered on its own loop."""
+    runtime, config = _runtime(tmp_path, "forest", _forest(tmp_path / "m.onnx"))
+    scheduler, _ = _scheduler(runtime, config, on_loop=True)
+    data = np.random.default_rng(0).standard_normal((64, 8)).astype(np.float32)
+    name = config.inputs[0].name
+
+    async def many(rows: np.ndarray) -> list[np.ndarray]:
+        out = await asyncio.gather(*(scheduler.submit({name: r[None]}, None) for r in rows))
+        return [o["label"] for o in out]
+
+    other = asyncio.to_thread(asyncio.run, many(data[32:]))
+    mine, theirs = await asyncio.gather(many(data[:32]), other)
+    expected = runtime.predict({name: data})["label"]
+    scheduler.close()
+    assert np.concatenate(mine + theirs).tolist() == expected.tolist()
+
+
+def _wide_mlp(path: Path) -> str:
+    """Millisecond batches: 32 rows through a 2048 x 2048 layer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((2048, 2048), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("MatMul", ["h", "w"], ["y"])],
+        "wide",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2048])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 2048])],
+        [w],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return str(path)
+
+
+def test_warm_up_places_only_fast_loop_safe_single_instances_on_the_loop(tmp_path: Path) -> None:
+    from inferplane.engine.warmup import warm_up
+
+    forest = _forest(tmp_path / "forest.onnx")
+    batching = Batching(max_batch_size=32)
+    fast, config = _runtime(tmp_path, "fast", forest, batching=batching)
+    assert warm_up(fast, config), "a forest of 20 shallow trees runs 32 rows in microseconds"
+    assert not warm_up(fast, config.model_copy(update={"instances": 2}))
+    assert not warm_up(fast, config.model_copy(update={"instance_kind": "thread"}))
+    slow, slow_config = _runtime(
+        tmp_path, "slow", _wide_mlp(tmp_path / "w.onnx"), batching=batching
+    )
+    assert not warm_up(slow, slow_config), "milliseconds per batch belong on instance threads"
+    # user Python code may wait on I/O: never on the loop unless the model.yaml says so
+    python, py_config = _recorder(tmp_path, batching=Batching(max_batch_size=4))
+    assert not warm_up(python, py_config)
+    assert warm_up(python, py_config.model_copy(update={"instance_kind": "loop"}))
+
+
+def test_loop_instance_kind_takes_one_instance() -> None:
+    from pydantic import ValidationError
+
+    doc = {
+        "name": "m", "version": 1, "runtime": "onnx", "artifact": "model.onnx",
+        "inputs": [{"name": "x", "datatype": "FP32", "shape": [-1, 2]}],
+        "outputs": [{"name": "y", "datatype": "FP32", "shape": [-1]}],
+        "instance_kind": "loop", "instances": 2,
+    }  # fmt: skip
+    with pytest.raises(ValidationError, match="set instances: 1"):
+        ModelConfig.model_validate(doc)
