@@ -57,6 +57,10 @@ class Runtime(ABC):
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]: ...
 
+    def use_one_thread(self) -> None:  # noqa: B027 - optional hook
+        """Compute on the calling thread only (no intra-op pool). Executions on the event loop
+        take microseconds, where waking pool threads costs more than it saves."""
+
     def unload(self) -> None:  # noqa: B027 - optional hook, most runtimes need nothing
         """Drop references so that memory can be returned; subclasses free native handles."""
 

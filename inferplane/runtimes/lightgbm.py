@@ -59,6 +59,9 @@ class LightGBMRuntime(Runtime):
         self._threads = threads_per_instance(self.config)
         self._inputs = [i.name for i in self.config.inputs]
 
+    def use_one_thread(self) -> None:
+        self._threads = 1
+
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:

@@ -63,8 +63,15 @@ class OnnxRuntime(Runtime):
     artifact_suffixes = (".onnx",)
 
     def load(self) -> None:
+        self._open(threads_per_instance(self.config))
+
+    def use_one_thread(self) -> None:
+        if self.session.get_session_options().intra_op_num_threads != 1:
+            self._open(1)
+
+    def _open(self, intra_op_threads: int) -> None:
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads_per_instance(self.config)
+        opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = int(self.option(self.config, "inter_op_threads", 1))
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         # ONNX Runtime's pool threads busy-wait after each run by default. In a server that burns

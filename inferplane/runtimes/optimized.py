@@ -101,6 +101,9 @@ class OptimizedRuntime(Runtime):
         }
         self._all = [o.name for o in config.outputs]
 
+    def use_one_thread(self) -> None:
+        self.inner.use_one_thread()
+
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:

@@ -70,6 +70,9 @@ class XGBoostRuntime(Runtime):
         check_outputs(self.config, [o.name for o in _outputs(learner)], self._objective)
         self._inputs = [i.name for i in self.config.inputs]
 
+    def use_one_thread(self) -> None:
+        self.booster.set_param({"nthread": 1})
+
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
