@@ -2,8 +2,8 @@
 `tritonclient.grpc` and perf_analyzer work: streaming infer, model config, statistics and the
 model repository ride along with the V2 core, plus the standard `grpc.health.v1` service.
 
-The transport is our own (protocols/grpc_h2.py: HTTP/2 via `h2` on the server's event loop, not
-grpc.aio, which cost more than twice as much per call); the servicers below are plain classes
+The transport is our own (protocols/grpc_transport.py: HTTP/2 framing on the server's event loop,
+not grpc.aio, which cost more than twice as much per call); the servicers below are plain classes
 whose methods it routes to.
 
 Handlers stay thin and answer exactly like the REST front end (v2_rest.py): the same model views,
@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2
 from inferplane.errors import BadRequest, DeadlineExceeded, InferplaneError
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import Prediction, RequestContext
-from inferplane.protocols import grpc_h2, model_views
+from inferplane.protocols import grpc_transport, model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
 from inferplane.protocols.v2_codec import (
@@ -413,7 +413,9 @@ class HealthServicer:
 
     def _status(self, service: str) -> int:
         if service not in ("", SERVICE_NAME):
-            raise grpc_h2.AbortError(grpc.StatusCode.NOT_FOUND, f"unknown service '{service}'")
+            raise grpc_transport.AbortError(
+                grpc.StatusCode.NOT_FOUND, f"unknown service '{service}'"
+            )
         ready = self.deps.manager.ready
         return health_pb2.HealthCheckResponse.SERVING if ready else _NOT_SERVING
 
@@ -438,17 +440,17 @@ class HealthServicer:
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> grpc_h2.GrpcServer:
+async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> grpc_transport.GrpcServer:
     """Build, bind and start the gRPC server (inference and health services)."""
-    routes = grpc_h2.methods_of(
+    routes = grpc_transport.methods_of(
         InferenceServicer(deps), pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], pb
     )
     routes.update(
-        grpc_h2.methods_of(
+        grpc_transport.methods_of(
             HealthServicer(deps), health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2
         )
     )
-    server = grpc_h2.GrpcServer(routes, deps.max_payload_bytes)
+    server = grpc_transport.GrpcServer(routes, deps.max_payload_bytes)
     try:
         await server.start(host, port)
     except OSError as exc:

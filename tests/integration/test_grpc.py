@@ -37,7 +37,7 @@ from inferplane.repository.store import Repository
 from inferplane.tensors import TensorSpec
 from tests.integration.servers import ServerProcess, start_server
 
-MAX_PAYLOAD_MB = 4  # small, so that the over-limit case stays cheap
+MAX_PAYLOAD_MB = 40  # past the transport's 16 MiB receive window, so that flow control is tested
 
 # Every datatype the echo model takes (BF16 has no numpy dtype tritonclient knows).
 ECHO_TYPES = {
@@ -622,17 +622,18 @@ def test_metrics_count_grpc(
 
 
 def test_answers_larger_than_the_clients_window_arrive_whole(server: ServerProcess) -> None:
-    # ~3.5 MB out: far past a client's initial 64 KiB window, so the server must wait for window
-    # updates while sending; three calls at once on one connection share its window.
+    # 30 MB each way: past the server's 16 MiB receive window (the client waits for its window
+    # updates) and far past a client's initial 64 KiB one (the server waits while sending); two
+    # calls at once on one connection share the connection's windows.
     from concurrent.futures import ThreadPoolExecutor
 
     rng = np.random.default_rng(3)
-    arrays = [rng.random(900_000).astype(np.float32) for _ in range(3)]
+    arrays = [rng.random(7_500_000).astype(np.float32) for _ in range(2)]
     for x in arrays:
         x[0] = 0.0  # the slow model sleeps x[0] seconds, then echoes x
     c = grpcclient.InferenceServerClient(server.grpc_target)
     try:
-        with ThreadPoolExecutor(3) as pool:
+        with ThreadPoolExecutor(2) as pool:
             outputs = list(pool.map(lambda x: c.infer("slow", _echo(x)).as_numpy("y"), arrays))
     finally:
         c.close()
