@@ -208,6 +208,7 @@ class GrpcServer:
             if pending:
                 await asyncio.wait(pending, timeout=1)
         for conn in list(self.connections):
+            conn.flush()
             conn.close()
 
 
@@ -215,18 +216,23 @@ class _Call:
     """One stream: its request bytes, the handler task, its send window."""
 
     __slots__ = (
-        "buffer", "context", "encoding", "headers_sent", "messages", "method", "remote_closed",
-        "stream_id", "task", "unacked", "window",
+        "buffer", "connection", "context", "encoding", "headers_sent", "messages", "method",
+        "pending_credit", "remote_closed", "stream_id", "task", "unacked", "window",
     )  # fmt: skip
 
-    def __init__(self, stream_id: int, method: Method | None, window: int) -> None:
+    def __init__(
+        self, connection: _Connection, stream_id: int, method: Method | None, window: int
+    ) -> None:
+        self.connection = connection
         self.stream_id = stream_id
         self.method = method
         self.buffer = bytearray()
         self.encoding = b"identity"  # of compressed request messages
         self.context = CallContext([], None)
-        # client-streaming methods read from this queue (None = the client finished)
-        self.messages: asyncio.Queue[Message | None] | None = None
+        # client-streaming methods read (message, bytes it took on the wire) from this queue;
+        # None = the client finished
+        self.messages: asyncio.Queue[tuple[Message, int] | None] | None = None
+        self.pending_credit = 0
         self.task: asyncio.Task[None] | None = None
         self.headers_sent = False
         self.remote_closed = False
@@ -442,7 +448,7 @@ class _Connection(asyncio.Protocol):
         path = b""
         bad = None
         metadata: list[tuple[str, str | bytes]] = []
-        call = _Call(sid, None, self.peer_window)
+        call = _Call(self, sid, None, self.peer_window)
         for name, value in headers:
             if name[:1] == b":":
                 if name == b":path":
@@ -487,18 +493,30 @@ class _Connection(asyncio.Protocol):
             if sid > self.last_stream_id:
                 raise _ConnectionError(_PROTOCOL_ERROR, f"DATA on idle stream {sid}")
             return  # a stream we already ended: the client had not seen it yet
-        call.unacked += len(payload)
-        if call.unacked >= _WINDOW // 2:
-            self.outbox += _frame(_WINDOW_UPDATE, 0, sid, call.unacked.to_bytes(4, "big"))
-            call.unacked = 0
         call.buffer += self._unpad(flags, payload)
         if call.messages is not None:
+            # A stream's window comes back as its handler takes messages (see _drain), so that a
+            # client streaming faster than the model serves is slowed by flow control.
+            call.pending_credit += len(payload)
             for message in self._take_messages(call):
-                call.messages.put_nowait(message)
-        elif len(call.buffer) >= 5:
-            self._check_length(call, int.from_bytes(call.buffer[1:5], "big"))
+                call.messages.put_nowait((message, call.pending_credit))
+                call.pending_credit = 0
+        else:
+            self.credit(call, len(payload))
+            if len(call.buffer) >= 5:
+                self._check_length(call, int.from_bytes(call.buffer[1:5], "big"))
         if flags & _END_STREAM and sid in self.calls:
             self._on_end(call)
+
+    def credit(self, call: _Call, nbytes: int) -> None:
+        """Received bytes of `call` are consumed: return them to its window at half."""
+        call.unacked += nbytes
+        if call.unacked >= _WINDOW // 2 and call.stream_id in self.calls:
+            self.outbox += _frame(
+                _WINDOW_UPDATE, 0, call.stream_id, call.unacked.to_bytes(4, "big")
+            )
+            call.unacked = 0
+            self.flush_soon()
 
     def _on_settings(self, payload: bytes) -> None:
         if len(payload) % 6:
@@ -608,10 +626,11 @@ class _Connection(asyncio.Protocol):
         if call.stream_id not in self.calls:
             return  # _take_messages ended the call
         if len(messages) != 1 or call.buffer:
+            got = "an incomplete message" if call.buffer else f"{len(messages)} messages"
             self._finish(
                 call,
-                grpc.StatusCode.INTERNAL if call.buffer else grpc.StatusCode.UNIMPLEMENTED,
-                "a unary call carries exactly one complete request message",
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"a unary call carries exactly one request message, this one {got}",
             )
             return
         call.task = asyncio.ensure_future(self._run(call, messages[0]))
@@ -700,5 +719,7 @@ class _Connection(asyncio.Protocol):
 
 async def _drain(call: _Call) -> AsyncIterator[Message]:
     assert call.messages is not None
-    while (message := await call.messages.get()) is not None:
+    while (item := await call.messages.get()) is not None:
+        message, nbytes = item
+        call.connection.credit(call, nbytes)
         yield message
