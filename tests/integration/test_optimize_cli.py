@@ -21,8 +21,9 @@ import yaml
 
 from tests.integration.servers import ROOT, ServerProcess, start_server
 from tests.integration.test_cli import assert_one_line_error, cli, ok
+from tests.needs import need
 
-pytest.importorskip("skl2onnx")
+need("skl2onnx", "'.[optimize]'")
 
 ATOL = 1e-5
 MODEL = "forest_skl"
