@@ -170,7 +170,12 @@ class ModelManager:
             )
             lv.state = State.READY
         if lv.state is State.READY:
-            log.info("model %s version %s ready in %.2fs", *labels, time.perf_counter() - started)
+            log.info(
+                "model %s version %s ready in %.2fs (executions on %s)",
+                *labels,
+                time.perf_counter() - started,
+                _placement(lv),
+            )
         else:
             log.error("model %s version %s unavailable: %s", *labels, lv.reason)
         self.metrics.model_ready.labels(*labels).set(1 if lv.state is State.READY else 0)
@@ -267,3 +272,13 @@ class ModelManager:
         if lv.state is not State.READY or scheduler is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
         return await scheduler.submit(inputs, outputs, deadline, priority, oversize)
+
+
+def _placement(lv: LoadedVersion) -> str:
+    scheduler = lv.scheduler
+    if scheduler is not None and scheduler.on_loop:
+        return "the event loop"
+    n = lv.config.instances
+    if isinstance(lv.runtime, ProcessRuntime):
+        return f"{n} worker process" + ("es" if n > 1 else "")
+    return f"{n} instance thread" + ("s" if n > 1 else "")
