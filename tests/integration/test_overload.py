@@ -69,9 +69,7 @@ def test_burst_over_capacity_gets_fast_503s_and_accepted_work_completes(
 
             async def one() -> tuple[int, float, str]:
                 started = time.monotonic()
-                r = await client.post(
-                    "/v2/models/slow/infer", json=body(0.02, timeout_us=2_000_000)
-                )
+                r = await client.post("/v2/models/slow/infer", json=body(0.2, timeout_us=5_000_000))
                 return r.status_code, time.monotonic() - started, r.text
 
             return await asyncio.gather(*(one() for _ in range(150)))
@@ -83,9 +81,13 @@ def test_burst_over_capacity_gets_fast_503s_and_accepted_work_completes(
     accepted = [t for s, t, _ in results if s == 200]
     assert len(rejected) >= 100, f"only {len(rejected)} of 150 were refused"
     assert all("queue full" in text for _, text in rejected)
-    # A refusal does not wait for the model: far below one model call after the queue drains.
-    assert sorted(t for t, _ in rejected)[len(rejected) // 2] < 0.5
-    assert accepted and max(accepted) < 2.0, "an accepted request outlived its 2 s timeout"
+    # A refusal does not wait for the model: half of them are answered before the accepted work
+    # (about 9 calls of 0.2 s, one after another) is half done. Measured against the accepted
+    # requests, not a fixed time, because the client's own overhead for 150 requests at once
+    # varies with the machine.
+    assert accepted and max(accepted) < 5.0, "an accepted request outlived its 5 s timeout"
+    median_refusal = sorted(t for t, _ in rejected)[len(rejected) // 2]
+    assert median_refusal < max(accepted) / 2, (median_refusal, max(accepted))
     # The server is fine afterwards.
     r = httpx.post(slow_server.url + "/v2/models/slow/infer", json=body(0.0), timeout=10)
     assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [0.0]
