@@ -44,8 +44,9 @@ def warm_up(runtime: Runtime, config: ModelConfig) -> bool:
     `instance_kind: loop`, or `auto` for one instance of a loop-safe runtime whose largest batch
     runs within the budget (timed only when one row already does, so that a slow model's load
     does not pay for several full batches)."""
+    one_row = warmup_inputs(config)
     t0 = time.perf_counter_ns()
-    runtime.predict(warmup_inputs(config))
+    runtime.predict(one_row)
     one_row_ns = time.perf_counter_ns() - t0
     eligible = config.instance_kind == "auto" and config.instances == 1 and runtime.loop_safe
     on_loop = config.instance_kind == "loop" or (
@@ -57,7 +58,7 @@ def warm_up(runtime: Runtime, config: ModelConfig) -> bool:
         # Measured on the example forest: one thread gave p50 -10 us at concurrency 1 and the
         # same or better throughput at 32 (docs/serving.md).
         runtime.use_one_thread()
-        runtime.predict(warmup_inputs(config))
+        runtime.predict(one_row)
     return on_loop
 
 

@@ -221,14 +221,20 @@ class _Call:
     )  # fmt: skip
 
     def __init__(
-        self, connection: _Connection, stream_id: int, method: Method | None, window: int
+        self,
+        connection: _Connection,
+        stream_id: int,
+        method: Method | None,
+        window: int,
+        context: CallContext,
+        encoding: bytes,
     ) -> None:
         self.connection = connection
         self.stream_id = stream_id
         self.method = method
         self.buffer = bytearray()
-        self.encoding = b"identity"  # of compressed request messages
-        self.context = CallContext([], None)
+        self.encoding = encoding  # of compressed request messages
+        self.context = context
         # client-streaming methods read (message, bytes it took on the wire) from this queue;
         # None = the client finished
         self.messages: asyncio.Queue[tuple[Message, int] | None] | None = None
@@ -447,27 +453,28 @@ class _Connection(asyncio.Protocol):
             return
         path = b""
         bad = None
+        deadline = None
+        encoding = b"identity"
         metadata: list[tuple[str, str | bytes]] = []
-        call = _Call(self, sid, None, self.peer_window)
         for name, value in headers:
             if name[:1] == b":":
                 if name == b":path":
                     path = value
             elif name == b"grpc-timeout":
                 try:
-                    call.context.deadline = time.monotonic() + parse_timeout(value)
+                    deadline = time.monotonic() + parse_timeout(value)
                 except ValueError as exc:
                     bad = str(exc)
             elif name == b"grpc-encoding":
-                call.encoding = value
+                encoding = value
             elif name == b"content-type":
                 if not value.startswith(b"application/grpc"):
                     bad = f"content-type {value.decode(errors='replace')} is not application/grpc"
             elif name not in (b"te", b"grpc-accept-encoding"):
                 key = name.decode("ascii", "replace")
                 metadata.append((key, value if key.endswith("-bin") else value.decode("latin-1")))
-        call.context._metadata = metadata
-        call.method = self.server.routes.get(path)
+        context = CallContext(metadata, deadline)
+        call = _Call(self, sid, self.server.routes.get(path), self.peer_window, context, encoding)
         self.calls[sid] = call
         if bad is not None:
             self._finish(call, grpc.StatusCode.INVALID_ARGUMENT, bad)
