@@ -654,22 +654,23 @@ def test_compressed_requests(client: grpcclient.InferenceServerClient) -> None:
         np.testing.assert_array_equal(got.as_numpy("y"), x)
 
 
-def test_unknown_method_is_unimplemented(server: ServerProcess) -> None:
+@pytest.mark.parametrize(
+    ("method", "body", "code", "needle"),
+    [
+        ("NoSuchMethod", b"", grpc.StatusCode.UNIMPLEMENTED, "NoSuchMethod"),
+        ("ModelInfer", b"\xff\xff\xff", grpc.StatusCode.INVALID_ARGUMENT, "malformed request"),
+    ],
+    ids=["unknown_method", "malformed_message"],
+)
+def test_calls_the_transport_refuses(
+    server: ServerProcess, method: str, body: bytes, code: grpc.StatusCode, needle: str
+) -> None:
     with grpc.insecure_channel(server.grpc_target) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/NoSuchMethod")
+        call = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
         with pytest.raises(grpc.RpcError) as info:
-            call(b"", timeout=5)
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "NoSuchMethod" in (info.value.details() or "")
-
-
-def test_malformed_request_message(server: ServerProcess) -> None:
-    with grpc.insecure_channel(server.grpc_target) as channel:
-        call = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
-        with pytest.raises(grpc.RpcError) as info:
-            call(b"\xff\xff\xff", timeout=5)
-    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "malformed request" in (info.value.details() or "")
+            call(body, timeout=5)
+    assert info.value.code() == code
+    assert needle in (info.value.details() or "")
 
 
 def test_a_cancelled_call_leaves_the_connection_serving(server: ServerProcess) -> None:

@@ -101,6 +101,19 @@ def wait_for(
     raise AssertionError(f"timed out after {timeout}s waiting for {what}{detail}")
 
 
+def run_until(
+    args: list[str], log_dir: Path, done: Callable[[], bool], timeout: float, what: str
+) -> WorkerProcess:
+    """Start a worker, wait until `done`, then stop it; it must exit cleanly (0) on SIGTERM.
+    Returns the stopped worker, for its log."""
+    worker = start_worker(args, log_dir)
+    try:
+        wait_for(done, timeout, what, worker)
+    finally:
+        assert worker.stop() == 0, worker.log()
+    return worker
+
+
 # --- data in and out ----------------------------------------------------------------------------
 
 

@@ -15,9 +15,8 @@ from tests.integration.streaming.harness import (
     RedisServer,
     redis_fill,
     redis_read,
-    start_worker,
+    run_until,
     unique,
-    wait_for,
 )
 
 PICKY = textwrap.dedent(
@@ -53,19 +52,13 @@ def test_model_rejected_events_are_isolated_and_dead_lettered(
         {"id": i, "amount": -1.0 if i in poison else float(i), "fee": 1.0} for i in range(200)
     ]
     redis_fill(client, f"{base}-in", [{"data": orjson.dumps(e)} for e in events])
-    worker = start_worker(
+    run_until(
         ["--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
          "--dlq", redis_server.url(f"{base}-dlq"), "--service", "picky", "--repository", str(repo),
          "--map", "x=amount,fee", "--batch-size", "100", "--max-wait-ms", "5"],
-        tmp_path,
+        tmp_path, lambda: client.xlen(f"{base}-out") + client.xlen(f"{base}-dlq") >= 200,
+        60, "200 outputs and dead letters",
     )  # fmt: skip
-    try:
-        wait_for(
-            lambda: client.xlen(f"{base}-out") + client.xlen(f"{base}-dlq") >= 200,
-            60, "200 outputs and dead letters", worker,
-        )  # fmt: skip
-    finally:
-        assert worker.stop() == 0, worker.log()
     outputs = [orjson.loads(f["data"]) for _, f in redis_read(client, f"{base}-out")]
     dead = [orjson.loads(f["data"]) for _, f in redis_read(client, f"{base}-dlq")]
     assert sorted(int(d["id"]) for d in dead) == sorted(poison)

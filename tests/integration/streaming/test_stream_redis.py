@@ -20,6 +20,7 @@ from tests.integration.streaming.harness import (
     redis_fill,
     redis_read,
     rows,
+    run_until,
     start_worker,
     unique,
     wait_for,
@@ -151,15 +152,11 @@ def test_service_routing_and_audit_in_process(
     redis_fill(client, f"{base}-in", [{"data": orjson.dumps({"id": f"s{i}", "features": r})}
                                      for i, r in enumerate(rows(400, seed=8))])  # fmt: skip
     audit = tmp_path / "audit.jsonl"
-    worker = start_worker(
+    run_until(
         _args(redis_server, base, "--repository", str(example_build[0]), "-m", "tabular",
               "--audit-sink", f"jsonl:{audit}", "--batch-size", "8", service="reco"),
-        tmp_path,
+        tmp_path, lambda: client.xlen(f"{base}-out") >= 400, 60, "400 outputs",
     )  # fmt: skip
-    try:
-        wait_for(lambda: client.xlen(f"{base}-out") >= 400, 60, "400 outputs", worker)
-    finally:
-        assert worker.stop() == 0, worker.log()
     outputs = _docs(client, f"{base}-out")
     routes = {(o["route"], o["model_version"]) for o in outputs}
     assert routes <= {("primary", "1"), ("canary", "2")}, routes
@@ -181,15 +178,11 @@ def test_takes_over_a_dead_consumers_pending_entries(
     # A consumer that read 60 entries and died before acknowledging any.
     taken = client.xreadgroup("scorers", "dead-worker", {f"{base}-in": ">"}, count=60)
     assert len(taken[0][1]) == 60
-    worker = start_worker(
+    worker = run_until(
         _args(redis_server, base, "--repository", str(tabular_repo), "-m", "tabular",
               "--claim-idle-ms", "500"),
-        tmp_path,
+        tmp_path, lambda: client.xlen(f"{base}-out") >= 100, 60, "all 100 outputs",
     )  # fmt: skip
-    try:
-        wait_for(lambda: client.xlen(f"{base}-out") >= 100, 60, "all 100 outputs", worker)
-    finally:
-        assert worker.stop() == 0, worker.log()
     outputs = _docs(client, f"{base}-out")
     assert sorted(o["id"] for o in outputs) == sorted(f"c{i}" for i in range(100))
     pending = client.xpending(f"{base}-in", "scorers")
@@ -290,18 +283,12 @@ def test_restart_under_the_same_name_resumes_its_own_pending_entries(
     client.xgroup_create(f"{base}-in", "scorers", id="0")
     # "scorer-1" read 70 entries, then crashed; it comes back under the same name.
     assert len(client.xreadgroup("scorers", "scorer-1", {f"{base}-in": ">"}, count=70)[0][1]) == 70
-    worker = start_worker(
+    worker = run_until(
         _args(redis_server, base, "--repository", str(tabular_repo), "-m", "tabular",
               "--consumer", "scorer-1", "--batch-size", "16"),
-        tmp_path,
+        tmp_path, lambda: client.xlen(f"{base}-out") + client.xlen(f"{base}-dlq") >= 121,
+        60, "121 results",
     )  # fmt: skip
-    try:
-        wait_for(
-            lambda: client.xlen(f"{base}-out") + client.xlen(f"{base}-dlq") >= 121,
-            60, "121 results", worker,
-        )  # fmt: skip
-    finally:
-        assert worker.stop() == 0, worker.log()
     outputs = _docs(client, f"{base}-out")
     # Each pending entry once (its own pending list is read forward, not from 0 every time).
     assert sorted(o["id"] for o in outputs) == sorted(f"p{i}" for i in range(120))
