@@ -15,8 +15,8 @@ from starlette.applications import Starlette
 
 from inferplane.predictor import build_in_process
 from inferplane.protocols import services_rest, v1_rest, v2_rest
-from inferplane.protocols.coalescing_http import CoalescingHttpToolsProtocol
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
+from inferplane.protocols.http_protocol import v2_http_protocol
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
 
 log = logging.getLogger("inferplane.server")
@@ -114,7 +114,7 @@ async def _serve_uvicorn(app: InferEndpoint, settings: ServerSettings) -> None:
         host=settings.host,
         port=settings.http_port,
         loop="uvloop",
-        http=CoalescingHttpToolsProtocol,  # httptools, one write per response
+        http=v2_http_protocol(app.handler),  # httptools; infer answered without ASGI
         log_level=settings.log_level,
         access_log=False,
         proxy_headers=False,  # no X-Forwarded-* rewriting: nothing here reads the client address

@@ -1,8 +1,9 @@
-"""The V2 REST infer endpoint as a bare ASGI handler: the one hot path of the REST server.
+"""The V2 REST infer exchange, the one hot path of the REST server, and its bare ASGI endpoint.
 
 Everything else (metadata, health, repository, V1) goes through Starlette's router; infer skips the
 framework's request/response objects and middleware, which cost more than decoding a small tensor.
-Behaviour is the same as any other endpoint: V2 error bodies, metrics, request ids.
+Under uvicorn it skips ASGI too (`http_protocol.py`). Behaviour is the same as any other endpoint:
+V2 error bodies, metrics, request ids.
 """
 
 from __future__ import annotations
@@ -38,40 +39,37 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 INFER_PATH = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?/infer$")
-_JSON_HEADERS = [(b"content-type", b"application/json")]
+_JSON_TYPE = (b"content-type", b"application/json")
 
 
-class InferEndpoint:
-    """ASGI app: POST /v2/models/{m}[/versions/{v}]/infer here, anything else to `fallback`."""
+class InferHandler:
+    """The V2 infer exchange, whatever carries it: headers and a whole body in, (status, response
+    headers, body) out. Errors become V2 error bodies; every answer is counted in the metrics."""
 
-    def __init__(self, deps: ServingDeps, fallback: ASGIApp) -> None:
+    def __init__(self, deps: ServingDeps) -> None:
         self.deps = deps
-        self.fallback = fallback
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._latency: dict[tuple[str, str], Any] = {}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = INFER_PATH.match(scope["path"])
-            if match is not None:
-                await self.infer(scope, receive, send, match.group(1), match.group(2))
-                return
-        await self.fallback(scope, receive, send)
-
-    async def infer(
-        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
-    ) -> None:
+    async def answer(
+        self,
+        name: str,
+        version: str | None,
+        headers: list[tuple[bytes, bytes]],
+        body: bytes | InferplaneError,
+    ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+        """`body` is the request body, or the error that reading it ended with (e.g. 413)."""
         started = time.perf_counter()
         deps = self.deps
         manager = deps.manager
         label_model, label_version, status = UNKNOWN, "", 500
         manager.inflight += 1
         try:
-            header_len = traceparent = timeout_ms = declared = tenant = None
-            for key, value in scope["headers"]:
-                if key == b"content-length":
-                    declared = value
-                elif key == HEADER_LENGTH:
+            if isinstance(body, InferplaneError):
+                raise body
+            header_len = traceparent = timeout_ms = tenant = None
+            for key, value in headers:
+                if key == HEADER_LENGTH:
                     header_len = value.decode("latin-1")
                 elif key == b"traceparent":
                     traceparent = value.decode("latin-1")
@@ -79,7 +77,6 @@ class InferEndpoint:
                     timeout_ms = value
                 elif key == TENANT_HEADER:
                     tenant = value.decode("latin-1")
-            body = await read_body_limited(receive, declared, deps.max_payload_bytes)
             decoded = decode_request(body, header_len)
             service = version is None and deps.predictor.is_service(name)
             context = RequestContext(
@@ -90,7 +87,7 @@ class InferEndpoint:
                 priority=request_priority(decoded.parameters),
                 parameters=decoded.parameters,
                 # Only a service's match rules and sticky key read headers: skip the dict otherwise.
-                headers=_header_dict(scope) if service else {},
+                headers=_header_dict(headers) if service else {},
             )
             prediction = await deps.predictor.predict(
                 name,
@@ -107,26 +104,30 @@ class InferEndpoint:
                 prediction.outputs,
                 {ROUTE_PARAMETER: prediction.route} if service else None,
             )
-            headers = [
-                (b"content-type", b"application/json"),
-                (b"x-inferplane-route", prediction.route.encode()),
-            ]
-            if binary_len is not None:
-                headers[0] = (b"content-type", b"application/octet-stream")
-                headers.append((b"inference-header-content-length", str(binary_len).encode()))
             status = 200
-            await _respond(send, 200, payload, headers)
+            if binary_len is None:
+                return (
+                    200,
+                    [_JSON_TYPE, (b"x-inferplane-route", prediction.route.encode())],
+                    payload,
+                )
+            return (
+                200,
+                [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"x-inferplane-route", prediction.route.encode()),
+                    (b"inference-header-content-length", str(binary_len).encode()),
+                ],
+                payload,
+            )
         except InferplaneError as exc:
             status = exc.status
             if name in manager.models:
                 label_model = name
-            await _respond(send, status, dumps({"error": exc.message}), _JSON_HEADERS)
+            return status, [_JSON_TYPE], dumps({"error": exc.message})
         except Exception:
-            log.exception("internal error on POST %s", scope["path"])
-            await _respond(
-                send, 500, dumps({"error": "internal server error (see the server log)"}),
-                _JSON_HEADERS,
-            )  # fmt: skip
+            log.exception("internal error on POST /v2/models/%s/infer", name)
+            return 500, [_JSON_TYPE], dumps({"error": "internal server error (see the server log)"})
         finally:
             manager.inflight -= 1
             self._count(label_model, label_version, status, time.perf_counter() - started)
@@ -147,21 +148,67 @@ class InferEndpoint:
             latency.observe(seconds)
 
 
-def _header_dict(scope: Scope) -> dict[str, str]:
-    return {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+class InferEndpoint:
+    """ASGI app: POST /v2/models/{m}[/versions/{v}]/infer here, anything else to `fallback`.
+
+    The uvicorn front end answers infer requests without ASGI (`http_protocol.py`); this serves
+    them under granian and whatever else calls the app as ASGI."""
+
+    def __init__(self, deps: ServingDeps, fallback: ASGIApp) -> None:
+        self.deps = deps
+        self.fallback = fallback
+        self.handler = InferHandler(deps)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            match = INFER_PATH.match(scope["path"])
+            if match is not None:
+                await self.infer(scope, receive, send, match.group(1), match.group(2))
+                return
+        await self.fallback(scope, receive, send)
+
+    async def infer(
+        self, scope: Scope, receive: Receive, send: Send, name: str, version: str | None
+    ) -> None:
+        headers = scope["headers"]
+        declared = next((v for k, v in headers if k == b"content-length"), None)
+        body: bytes | InferplaneError
+        try:
+            body = await read_body_limited(receive, declared, self.deps.max_payload_bytes)
+        except InferplaneError as exc:
+            body = exc
+        status, response_headers, payload = await self.handler.answer(name, version, headers, body)
+        await _respond(send, status, payload, response_headers)
+
+
+def _header_dict(headers: list[tuple[bytes, bytes]]) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in headers}
+
+
+def declared_too_large(declared: bytes | None, limit: int) -> PayloadTooLarge | None:
+    """The 413 for a Content-Length past `limit`, before any of the body is read."""
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        return PayloadTooLarge(
+            f"request body of {declared.decode()} bytes exceeds the limit of {limit} bytes"
+        )
+    return None
+
+
+def body_too_large(limit: int) -> PayloadTooLarge:
+    """The 413 for a body that grew past `limit` as it streamed in."""
+    return PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
 
 
 async def read_body_limited(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     """The whole request body, refused with 413 past `limit` (by Content-Length or as it streams)."""
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(
-            f"request body of {declared.decode()} bytes exceeds the limit of {limit} bytes"
-        )
+    refused = declared_too_large(declared, limit)
+    if refused is not None:
+        raise refused
     message = await receive()
     body: bytes = message.get("body", b"")
     if not message.get("more_body", False):
         if len(body) > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            raise body_too_large(limit)
         return body
     chunks = [body]
     size = len(body)
@@ -172,7 +219,7 @@ async def read_body_limited(receive: Receive, declared: bytes | None, limit: int
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            raise PayloadTooLarge(f"request body exceeds the limit of {limit} bytes")
+            raise body_too_large(limit)
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)
