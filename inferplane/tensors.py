@@ -49,6 +49,9 @@ _NO_JSON = {"BF16"}
 
 def datatype_of(array: np.ndarray) -> str:
     """The V2 datatype of a numpy array (str/bytes/object arrays are BYTES)."""
+    known = DTYPE_TO_DATATYPE.get(array.dtype)  # native byte order, the usual case
+    if known is not None:
+        return known
     kind = array.dtype.kind
     if kind in "OSU":
         return BYTES

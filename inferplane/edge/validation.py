@@ -8,10 +8,41 @@ import numpy as np
 
 from inferplane.errors import BadRequest
 from inferplane.repository.schema import ModelConfig
-from inferplane.tensors import datatype_of
+from inferplane.tensors import DATATYPE_TO_DTYPE, datatype_of
 
 
 def validate_inputs(
+    config: ModelConfig, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+) -> None:
+    if _plainly_valid(config, inputs, outputs):
+        return
+    _check(config, inputs, outputs)
+
+
+def _plainly_valid(
+    config: ModelConfig, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
+) -> bool:
+    """The common request, accepted in a few comparisons: one declared input of the declared
+    numpy dtype and shape, declared outputs. Anything else gets the full check and its message."""
+    if outputs:
+        known = [t.name for t in config.outputs]
+        if any(n not in known for n in outputs):
+            return False
+    specs = config.inputs
+    if len(specs) != 1 or len(inputs) != 1:
+        return False
+    spec = specs[0]
+    arr = inputs.get(spec.name)
+    if arr is None or arr.dtype != DATATYPE_TO_DTYPE.get(spec.datatype):
+        return False
+    shape = arr.shape
+    want = spec.shape
+    if len(shape) != len(want):
+        return False
+    return all(d == -1 or d == s for d, s in zip(want, shape, strict=True))
+
+
+def _check(
     config: ModelConfig, inputs: Mapping[str, np.ndarray], outputs: Sequence[str] | None
 ) -> None:
     model = f"model '{config.name}' version {config.version}"

@@ -8,6 +8,7 @@ V2 error bodies, metrics, request ids.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -130,7 +131,10 @@ class InferHandler:
             return 500, [_JSON_TYPE], dumps({"error": "internal server error (see the server log)"})
         finally:
             manager.inflight -= 1
-            self._count(label_model, label_version, status, time.perf_counter() - started)
+            # Counted just after the answer is written (the caller writes it in this same step).
+            asyncio.get_running_loop().call_soon(
+                self._count, label_model, label_version, status, time.perf_counter() - started
+            )
 
     def _count(self, model: str, version: str, status: int, seconds: float) -> None:
         metrics = self.deps.metrics
