@@ -93,7 +93,11 @@ class Scheduler:
         self.on_execution = on_execution
         # requests in the server that may still queue here; None: not known (never run alone)
         self.arrivals_hint = arrivals_hint
-        self.cond = threading.Condition()
+        # `lock` guards the queue and counts; `cond` (the same lock) wakes instance threads. The
+        # loop's own paths take the bare lock: no thread waits there, and Condition's Python-level
+        # enter/notify cost a few microseconds per request.
+        self.lock = threading.Lock()
+        self.cond = threading.Condition(self.lock)
         self.queued = 0
         self.executing = 0  # requests inside running executions
         self.closing = False
@@ -118,6 +122,18 @@ class Scheduler:
         oversize: bool = False,
     ) -> Outputs:
         """`oversize`: accept more rows than max_batch_size (run alone, in one execution)."""
+        return await self.enqueue(inputs, outputs, deadline, priority, oversize)
+
+    def enqueue(
+        self,
+        inputs: dict[str, np.ndarray],
+        outputs: Sequence[str] | None,
+        deadline: float | None = None,
+        priority: int = 0,
+        oversize: bool = False,
+    ) -> asyncio.Future[Outputs]:
+        """`submit` without its coroutine: the future of the request's outputs. Refusals (queue
+        full, unloading, too many rows) raise here, before anything is queued."""
         rows = batch_rows(inputs) if self.batch_dim else 1
         if self.batch_dim and rows > self.max_rows and not oversize:
             # Triton's rule: a request larger than one execution is the caller's error.
@@ -131,7 +147,7 @@ class Scheduler:
             inputs, rows, outputs, loop.create_future(), loop, time.perf_counter_ns(), deadline
         )
         level = min(max(priority - 1, 0), len(self.levels) - 1) if priority else 0
-        with self.cond:
+        with self.lock:
             if self.closing:
                 raise Unavailable(f"model {self.name} is unloading")
             if self.queued >= self.max_queue:
@@ -140,7 +156,8 @@ class Scheduler:
                 )
             self.levels[level].append(work)
             self.queued += 1
-            self.cond.notify()
+            if self.threads:
+                self.cond.notify()
         if self.on_loop:
             # After the handlers that are ready in this loop iteration: they batch together.
             # (Running a request at once when the server holds no other was tried: the server
@@ -151,7 +168,7 @@ class Scheduler:
             work.timer = loop.call_at(
                 loop.time() + (deadline - time.monotonic()), self._expire, work
             )
-        return await work.future
+        return work.future
 
     def _expire(self, work: Work) -> None:
         """The caller's deadline passed: answer 504 now; the worker drops the work if not started."""
@@ -174,13 +191,13 @@ class Scheduler:
         """Run one batch of what is queued; another flush follows while work remains, so that the
         loop reads sockets between executions."""
         self._flush_scheduled.discard(loop)
-        with self.cond:
+        with self.lock:
             batch: list[Work] = []
             self._take(batch, 0)
             self.executing += len(batch)
         if batch:
             self._run_taken(batch)
-        with self.cond:
+        with self.lock:
             more = self.queued > 0
             last = self.closing and not more and not self.executing
         if more:
@@ -262,7 +279,7 @@ class Scheduler:
             log.exception("execution of %s failed outside the model", self.name)
             self._resolve(batch, None, InternalError(f"model {self.name}: {exc}"))
         finally:
-            with self.cond:
+            with self.lock:
                 self.executing -= len(batch)
 
     def _unload(self) -> None:

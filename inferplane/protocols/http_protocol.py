@@ -103,11 +103,35 @@ class V2HttpProtocol(HttpToolsProtocol):
     """Constructed by uvicorn per connection; `infer` is bound by `v2_http_protocol`."""
 
     infer: InferHandler
+    limit: int  # the payload limit in bytes
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport
         self._size = 0
+        self._declared: bytes | None = None
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
+
+    # uvicorn builds an ASGI scope as each request begins; here only requests that take the ASGI
+    # path get one (`_asgi_scope`), once their target is known.
+    def on_message_begin(self) -> None:
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self._declared = None
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
+        if name == b"content-length":
+            self._declared = value
+        elif name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
+
+    def _asgi_scope(self) -> None:
+        headers, url, expect = self.headers, self.url, self.expect_100_continue
+        super().on_message_begin()
+        self.headers = self.scope["headers"] = headers
+        self.url, self.expect_100_continue = url, expect
 
     def on_headers_complete(self) -> None:
         parser = self.parser
@@ -122,6 +146,7 @@ class V2HttpProtocol(HttpToolsProtocol):
             if match is not None:
                 self._begin_infer(match)
                 return
+        self._asgi_scope()
         super().on_headers_complete()
 
     def _begin_infer(self, match: re.Match[bytes]) -> None:
@@ -135,9 +160,7 @@ class V2HttpProtocol(HttpToolsProtocol):
         )
         self.cycle = exchange  # type: ignore[assignment]
         self._size = 0
-        limit = self.infer.deps.max_payload_bytes
-        declared = next((v for k, v in self.headers if k == b"content-length"), None)
-        refused = declared_too_large(declared, limit)
+        refused = declared_too_large(self._declared, self.limit)
         if refused is not None:
             # Answer now, as the ASGI path does; the body that follows is read and dropped.
             exchange.refused = refused
@@ -151,8 +174,8 @@ class V2HttpProtocol(HttpToolsProtocol):
         if exchange.started:
             return
         self._size += len(body)
-        if self._size > self.infer.deps.max_payload_bytes:
-            exchange.refused = body_too_large(self.infer.deps.max_payload_bytes)
+        if self._size > self.limit:
+            exchange.refused = body_too_large(self.limit)
             exchange.body.clear()
             self._start(exchange)
             return
@@ -202,4 +225,5 @@ class V2HttpProtocol(HttpToolsProtocol):
 
 def v2_http_protocol(infer: InferHandler) -> type[V2HttpProtocol]:
     """The protocol class uvicorn instantiates per connection, bound to the server's handler."""
-    return type("V2HttpProtocol", (V2HttpProtocol,), {"infer": infer})
+    limit = infer.deps.max_payload_bytes
+    return type("V2HttpProtocol", (V2HttpProtocol,), {"infer": infer, "limit": limit})

@@ -26,6 +26,7 @@ TIMEOUT_HEADER = b"x-inferplane-timeout-ms"  # REST; gRPC uses its own deadlines
 TENANT_HEADER = b"x-tenant"  # who is calling, for services' tenant rules and the audit trail
 ROUTE_PARAMETER = "inferplane_route"  # response parameter naming a service's route decision
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
+_NO_TAIL = memoryview(b"")
 
 
 @dataclass(slots=True)
@@ -64,10 +65,13 @@ def decode_request(body: bytes, header_length: str | None) -> DecodedRequest:
             raise BadRequest(
                 f"Inference-Header-Content-Length {n} is outside the body of {len(body)} bytes"
             )
-        view = memoryview(body)
-        doc, tail = _loads(view[:n]), view[n:]
+        if n == len(body):  # all JSON (perf_analyzer sends the header length even then)
+            doc, tail = _loads(body), _NO_TAIL
+        else:
+            view = memoryview(body)
+            doc, tail = _loads(view[:n]), view[n:]
     else:
-        doc, tail = _loads(body), memoryview(b"")
+        doc, tail = _loads(body), _NO_TAIL
     if not isinstance(doc, dict):
         raise BadRequest("the request body must be a JSON object")
     raw_inputs = doc.get("inputs")
