@@ -15,6 +15,7 @@ from starlette.applications import Starlette
 
 from inferplane.predictor import build_in_process
 from inferplane.protocols import services_rest, v1_rest, v2_rest
+from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.http_protocol import v2_http_protocol
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
@@ -36,6 +37,7 @@ class ServerSettings:
     services: str | None = None  # traffic policy file; default: <repository>/services.yaml if any
     watch: bool = False  # re-read the policy file when it changes
     audit_sink: str | None = None  # audit trail sink (see docs/audit.md); None: no audit
+    busy_poll_us: int = DEFAULT_WINDOW_US  # poll the loop this long after answers (0: off)
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -55,6 +57,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         max_payload_bytes=settings.max_payload_bytes,
         policy=policy,
         watch_policy=settings.watch,
+        busy_poll=BusyPoll(settings.busy_poll_us, manager.metrics.busy_poll_seconds),
     )
 
 

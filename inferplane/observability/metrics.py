@@ -56,6 +56,11 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=r,
         )
+        self.busy_poll_seconds = Counter(
+            "inferplane_busy_poll_seconds",
+            "Wall time the event loop polled instead of sleeping after answers (--busy-poll-us).",
+            registry=r,
+        )
         self.inflight = Gauge(
             "inferplane_inflight_requests",
             "Inference requests being handled now (an autoscaling signal).",

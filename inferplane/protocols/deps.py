@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from inferplane import __version__
 from inferplane.engine.manager import ModelManager
 from inferplane.observability.metrics import Metrics
 from inferplane.predictor import InProcessPredictor
+from inferplane.protocols.busy_poll import BusyPoll
 
 if TYPE_CHECKING:
     from inferplane.routing.policy_source import PolicySource
@@ -27,3 +28,5 @@ class ServingDeps:
     server_version: str = __version__
     policy: PolicySource | None = None  # where the traffic policy comes from
     watch_policy: bool = False
+    # polls the event loop briefly after answers (off unless the server sets a window)
+    busy_poll: BusyPoll = field(default_factory=lambda: BusyPoll(0))

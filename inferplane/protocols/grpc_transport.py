@@ -37,6 +37,8 @@ import grpc
 import hpack
 from google.protobuf.message import DecodeError, Message
 
+from inferplane.protocols.busy_poll import BusyPoll
+
 log = logging.getLogger("inferplane.grpc")
 
 _PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
@@ -175,9 +177,12 @@ def parse_timeout(value: bytes) -> float:
 class GrpcServer:
     """Serves `routes` on host:port until `stop`."""
 
-    def __init__(self, routes: dict[bytes, Method], max_message_bytes: int) -> None:
+    def __init__(
+        self, routes: dict[bytes, Method], max_message_bytes: int, busy_poll: BusyPoll | None = None
+    ) -> None:
         self.routes = routes
         self.max_message = max_message_bytes
+        self.busy_poll = busy_poll or BusyPoll(0)
         self.connections: set[_Connection] = set()
         self.stopping = False
         self._server: asyncio.Server | None = None
@@ -347,6 +352,7 @@ class _Connection(asyncio.Protocol):
         self.flush_scheduled = False
         if self.outbox and self.transport is not None and not self.transport.is_closing():
             self.transport.write(bytes(self.outbox))
+            self.server.busy_poll.kick()
         self.outbox.clear()
 
     def close(self) -> None:

@@ -20,6 +20,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
 from inferplane.errors import InferplaneError
+from inferplane.protocols.busy_poll import BusyPoll
 from inferplane.protocols.v2_infer_asgi import InferHandler, body_too_large, declared_too_large
 
 # Raw request targets only: a query string or percent-encoding takes the ASGI path, which decodes.
@@ -104,6 +105,7 @@ class V2HttpProtocol(HttpToolsProtocol):
 
     infer: InferHandler
     limit: int  # the payload limit in bytes
+    busy_poll: BusyPoll
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport
@@ -217,6 +219,7 @@ class V2HttpProtocol(HttpToolsProtocol):
         head += (b"\r\n", payload)
         transport = self._raw_transport
         transport.write(b"".join(head))
+        self.busy_poll.kick()
         exchange.response_complete = True
         if not exchange.keep_alive:
             transport.close()
@@ -225,5 +228,6 @@ class V2HttpProtocol(HttpToolsProtocol):
 
 def v2_http_protocol(infer: InferHandler) -> type[V2HttpProtocol]:
     """The protocol class uvicorn instantiates per connection, bound to the server's handler."""
-    limit = infer.deps.max_payload_bytes
-    return type("V2HttpProtocol", (V2HttpProtocol,), {"infer": infer, "limit": limit})
+    deps = infer.deps
+    bound = {"infer": infer, "limit": deps.max_payload_bytes, "busy_poll": deps.busy_poll}
+    return type("V2HttpProtocol", (V2HttpProtocol,), bound)

@@ -450,7 +450,7 @@ async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> grpc_tra
             HealthServicer(deps), health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2
         )
     )
-    server = grpc_transport.GrpcServer(routes, deps.max_payload_bytes)
+    server = grpc_transport.GrpcServer(routes, deps.max_payload_bytes, deps.busy_poll)
     try:
         await server.start(host, port)
     except OSError as exc:

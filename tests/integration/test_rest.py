@@ -3,6 +3,7 @@ unmodified tritonclient.http; numbers are checked against each framework called 
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -377,6 +378,11 @@ def test_prometheus_metrics(client: httpx.Client) -> None:
     assert "inferplane_queue_duration_seconds_bucket" in text
     assert "inferplane_compute_duration_seconds_bucket" in text
     assert 'inferplane_model_ready{model="tabular",version="2"} 1.0' in text
+    # The answers above kept the loop polling for the default 300 us window each.
+    time.sleep(0.01)
+    text = client.get("/metrics").text
+    spun = [ln for ln in text.splitlines() if ln.startswith("inferplane_busy_poll_seconds_total")]
+    assert len(spun) == 1 and float(spun[0].split()[1]) > 0, spun
 
 
 def test_granian_front_end_serves_the_same_protocol(
