@@ -238,7 +238,7 @@ async def test_full_queue_answers_at_once_and_accepted_work_completes(
 
     async def call(i: int) -> Any:
         try:
-            return await scheduler.submit({"x": np.array([[float(i), 0.05]])}, None)
+            return await scheduler.submit({"x": np.array([[float(i), 0.2]])}, None)
         except Overloaded as exc:
             return (exc, time.monotonic() - started)
 
@@ -248,7 +248,9 @@ async def test_full_queue_answers_at_once_and_accepted_work_completes(
     accepted = [r for r in results if not isinstance(r, tuple)]
     # Four waiting at most (plus one running once the worker took it); the rest refused at once.
     assert 4 <= len(accepted) <= 5 and len(rejected) == 30 - len(accepted)
-    assert all(elapsed < 0.05 for _, elapsed in rejected), "a 503 waited for the model"
+    # Each model call takes 0.2 s: a refusal that waited for one would take longer than this
+    # bound, which leaves room for a loaded machine (50 ms was crossed once under load).
+    assert all(elapsed < 0.15 for _, elapsed in rejected), "a 503 waited for the model"
     assert all("queue full" in str(exc) for exc, _ in rejected)
     assert stats.inference_count == len(accepted)
 
