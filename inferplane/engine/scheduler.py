@@ -309,8 +309,9 @@ class Scheduler:
             self._resolve(batch, results, None)
         else:
             # On the loop the answers go out first: the waiting handlers resume in the next loop
-            # iteration and the statistics (~10 us of Python) are counted after them, before
-            # anything else is read (so a statistics request still sees this execution).
+            # iteration and the statistics (~10 us of Python) are counted right after them, ahead
+            # of the handler of any request read meanwhile (so a statistics call that follows an
+            # answer always sees its execution).
             self._resolve(batch, results, None)
             here.call_soon(self.on_execution, timing)
 
