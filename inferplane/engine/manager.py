@@ -272,7 +272,7 @@ class ModelManager:
         scheduler = lv.scheduler
         if lv.state is not State.READY or scheduler is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
-        return scheduler.enqueue(inputs, outputs, deadline, priority, oversize)
+        return scheduler.submit(inputs, outputs, deadline, priority, oversize)
 
 
 def _placement(lv: LoadedVersion) -> str:
