@@ -106,21 +106,11 @@ class InferHandler:
                 {ROUTE_PARAMETER: prediction.route} if service else None,
             )
             status = 200
+            route = (b"x-inferplane-route", prediction.route.encode())
             if binary_len is None:
-                return (
-                    200,
-                    [_JSON_TYPE, (b"x-inferplane-route", prediction.route.encode())],
-                    payload,
-                )
-            return (
-                200,
-                [
-                    (b"content-type", b"application/octet-stream"),
-                    (b"x-inferplane-route", prediction.route.encode()),
-                    (b"inference-header-content-length", str(binary_len).encode()),
-                ],
-                payload,
-            )
+                return 200, [_JSON_TYPE, route], payload
+            binary = (b"inference-header-content-length", str(binary_len).encode())
+            return 200, [(b"content-type", b"application/octet-stream"), route, binary], payload
         except InferplaneError as exc:
             status = exc.status
             if name in manager.models:
