@@ -81,6 +81,7 @@ class _InferExchange:
         "name",
         "refused",
         "response_complete",
+        "size",
         "started",
         "version",
     )
@@ -94,6 +95,7 @@ class _InferExchange:
         self.headers = headers
         self.keep_alive = keep_alive
         self.body: list[bytes] = []
+        self.size = 0  # body bytes received so far
         self.refused: InferplaneError | None = None
         self.started = False
         self.disconnected = False
@@ -109,7 +111,6 @@ class V2HttpProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         self._raw_transport = transport
-        self._size = 0
         self._declared: bytes | None = None
         super().connection_made(_CoalescingTransport(transport, self.loop))  # type: ignore[arg-type]
 
@@ -161,7 +162,6 @@ class V2HttpProtocol(HttpToolsProtocol):
             keep_alive,
         )
         self.cycle = exchange  # type: ignore[assignment]
-        self._size = 0
         refused = declared_too_large(self._declared, self.limit)
         if refused is not None:
             # Answer now, as the ASGI path does; the body that follows is read and dropped.
@@ -175,8 +175,8 @@ class V2HttpProtocol(HttpToolsProtocol):
             return
         if exchange.started:
             return
-        self._size += len(body)
-        if self._size > self.limit:
+        exchange.size += len(body)
+        if exchange.size > self.limit:
             exchange.refused = body_too_large(self.limit)
             exchange.body.clear()
             self._start(exchange)
