@@ -116,6 +116,67 @@ def serve(
             "See docs/serving.md.",
         ),
     ] = 300,
+    audit_payload_sample: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            max=1.0,
+            help="Share of requests whose input payload the audit keeps, after the redaction "
+            "rules of the services file (docs/audit.md); 0 keeps none.",
+        ),
+    ] = 0.0,
+    access: Annotated[
+        str | None,
+        typer.Option(
+            envvar="INFERPLANE_ACCESS",
+            help="Access file (identities, grants, quotas; docs/security.md): turns "
+            "authentication and authorization on.",
+        ),
+    ] = None,
+    insecure: Annotated[
+        bool,
+        typer.Option(
+            "--insecure",
+            help="Serve a non-loopback address without --access (e.g. behind a mesh that "
+            "authenticates); refused otherwise.",
+        ),
+    ] = False,
+    tls_cert: Annotated[
+        str | None, typer.Option(help="PEM certificate chain: TLS on both ports (reloaded).")
+    ] = None,
+    tls_key: Annotated[str | None, typer.Option(help="PEM private key of --tls-cert.")] = None,
+    tls_client_ca: Annotated[
+        str | None,
+        typer.Option(help="CA bundle client certificates are verified against (mTLS)."),
+    ] = None,
+    tls_require_client_cert: Annotated[
+        bool, typer.Option(help="Refuse TLS clients without a certificate from --tls-client-ca.")
+    ] = False,
+    pickles: Annotated[
+        str,
+        typer.Option(
+            help="Pickled artifacts (sklearn/joblib) run code when loaded: warn (load, log a "
+            "warning), allow, or refuse. See docs/security.md."
+        ),
+    ] = "warn",
+    http_header_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request's head may take to arrive.")
+    ] = 10.0,
+    http_body_timeout: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a request's body may take after its head.")
+    ] = 30.0,
+    http_keepalive: Annotated[
+        float, typer.Option(min=0.1, help="Seconds an idle keep-alive connection stays open.")
+    ] = 5.0,
+    max_connections: Annotated[
+        int, typer.Option(min=1, help="Open connections per port; new ones are refused past it.")
+    ] = 4096,
+    max_idle_connections: Annotated[
+        int, typer.Option(min=0, help="Idle keep-alive connections kept; the oldest close first.")
+    ] = 1024,
+    grpc_max_streams: Annotated[
+        int, typer.Option(min=1, help="Concurrent streams per gRPC connection.")
+    ] = 128,
 ) -> None:
     """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
     from inferplane.routing.policy_source import default_services_url, read_policy
@@ -147,6 +208,20 @@ def serve(
             watch=watch,
             audit_sink=None if audit_sink.lower() in ("", "none", "off") else audit_sink,
             busy_poll_us=busy_poll_us,
+            audit_payload_sample=audit_payload_sample,
+            access=access,
+            insecure=insecure,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            tls_client_ca=tls_client_ca,
+            tls_require_client_cert=tls_require_client_cert,
+            pickles=pickles,
+            http_header_timeout_s=http_header_timeout,
+            http_body_timeout_s=http_body_timeout,
+            http_keepalive_s=http_keepalive,
+            max_connections=max_connections,
+            max_idle_connections=max_idle_connections,
+            grpc_max_streams=grpc_max_streams,
         )
     )
 

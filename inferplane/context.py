@@ -12,6 +12,7 @@ from typing import Any
 class RequestContext:
     request_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     tenant: str | None = None
+    principal: str | None = None  # who called, once the edge authenticated them (audit trail)
     deadline: float | None = None  # time.monotonic() after which the work is useless
     headers: Mapping[str, str] = field(default_factory=dict)  # lower-case names
     traceparent: str | None = None

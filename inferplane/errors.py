@@ -13,6 +13,10 @@ class InferplaneError(Exception):
         super().__init__(message)
         self.message = message
 
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        """Headers the HTTP answer carries besides the body (WWW-Authenticate, Retry-After)."""
+        return []
+
 
 class BadRequest(InferplaneError):
     status = 400
@@ -22,6 +26,43 @@ class BadRequest(InferplaneError):
 class NotFound(InferplaneError):
     status = 404
     grpc_code = "NOT_FOUND"
+
+
+class Unauthenticated(InferplaneError):
+    """No credentials, or credentials that do not verify (unknown key, bad or expired token)."""
+
+    status = 401
+    grpc_code = "UNAUTHENTICATED"
+
+    def __init__(self, message: str, challenge: str = 'Bearer realm="inferplane"') -> None:
+        super().__init__(message)
+        self.challenge = challenge
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return [(b"www-authenticate", self.challenge.encode("latin-1"))]
+
+
+class Forbidden(InferplaneError):
+    """The caller is known but lacks the scope for this endpoint or target."""
+
+    status = 403
+    grpc_code = "PERMISSION_DENIED"
+
+
+class TooManyRequests(InferplaneError):
+    """A tenant's quota or rate limit refused this request; `retry_after_s` says when to retry."""
+
+    status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        # Retry-After takes whole seconds (RFC 9110 10.2.3): round up so a client never retries early.
+        seconds = max(1, int(-(-self.retry_after_s // 1)))
+        return [(b"retry-after", str(seconds).encode())]
 
 
 class PayloadTooLarge(InferplaneError):

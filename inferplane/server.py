@@ -38,6 +38,22 @@ class ServerSettings:
     watch: bool = False  # re-read the policy file when it changes
     audit_sink: str | None = None  # audit trail sink (see docs/audit.md); None: no audit
     busy_poll_us: int = DEFAULT_WINDOW_US  # poll the loop this long after answers (0: off)
+    audit_payload_sample: float = 0.0  # share of requests whose (redacted) payload is audited
+    # --- the edge (docs/security.md) ---
+    access: str | None = None  # access.yaml: identities, grants, quotas; None: no auth
+    insecure: bool = False  # allow a non-loopback bind without --access
+    tls_cert: str | None = None  # PEM certificate chain for both ports; None: plain TCP
+    tls_key: str | None = None
+    tls_client_ca: str | None = None  # CA bundle that client certificates must chain to (mTLS)
+    tls_require_client_cert: bool = False  # refuse the handshake without a client certificate
+    pickles: str = "warn"  # warn | allow | refuse: loading pickled (sklearn/joblib) artifacts
+    # --- listener limits against hostile or broken clients ---
+    http_header_timeout_s: float = 10.0  # a request's head must arrive within this
+    http_body_timeout_s: float = 30.0  # ... and its body within this after the head
+    http_keepalive_s: float = 5.0  # idle keep-alive connections close after this
+    max_connections: int = 4096  # open connections per port; past it new ones are refused
+    max_idle_connections: int = 1024  # idle keep-alive connections kept; the oldest close first
+    grpc_max_streams: int = 128  # concurrent streams per gRPC connection (SETTINGS advertised)
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
