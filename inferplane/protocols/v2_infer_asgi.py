@@ -58,8 +58,10 @@ class InferHandler:
         version: str | None,
         headers: list[tuple[bytes, bytes]],
         body: bytes | InferplaneError,
+        peer_cert: dict[str, Any] | None = None,
     ) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-        """`body` is the request body, or the error that reading it ended with (e.g. 413)."""
+        """`body` is the request body, or the error that reading it ended with (e.g. 413);
+        `peer_cert` the TLS client certificate of the connection (`getpeercert()`), if any."""
         started = time.perf_counter()
         deps = self.deps
         manager = deps.manager
