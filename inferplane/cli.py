@@ -189,6 +189,17 @@ def serve(
         raise typer.BadParameter(
             f"repository '{repository}' does not exist", param_hint="--repository"
         )
+    if access is None and not insecure and not _loopback(host):
+        raise typer.BadParameter(
+            f"{host} is reachable from other machines and no --access file says who may call: "
+            "anyone could infer, load and unload models. Give --access FILE (docs/security.md), "
+            "or --insecure when something in front (a mesh, a gateway) authenticates callers.",
+            param_hint="--host",
+        )
+    if access is not None:
+        from inferplane.edge.access import read_access
+
+        read_access(access)  # a broken access file fails here, before serving
     # A policy file that cannot be right whatever models load fails here, before serving.
     policy_url = services or default_services_url(repository)
     if read_policy(policy_url) is None and services is not None:
@@ -224,6 +235,17 @@ def serve(
             grpc_max_streams=grpc_max_streams,
         )
     )
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
 
 
 def _parse_kv(items: list[str] | None, what: str) -> dict[str, Any]:
@@ -475,6 +497,16 @@ app.command("batch")(one_line_errors(batch_command))
 from inferplane.observability.audit_command import audit_command  # noqa: E402
 
 app.command("audit")(one_line_errors(audit_command))
+
+
+# -- keys (inferplane/edge/keys_command.py) --
+from inferplane.edge import keys_command  # noqa: E402
+
+keys_app = typer.Typer(help="API keys of an access file (docs/security.md).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+keys_app.command("create")(one_line_errors(keys_command.create_command))
+keys_app.command("list")(one_line_errors(keys_command.list_command))
+keys_app.command("revoke")(one_line_errors(keys_command.revoke_command))
 
 
 def main() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import uvicorn
 from starlette.applications import Starlette
 
+from inferplane.edge.gate import Edge
 from inferplane.predictor import build_in_process
 from inferplane.protocols import services_rest, v1_rest, v2_rest
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
@@ -74,6 +75,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         policy=policy,
         watch_policy=settings.watch,
         busy_poll=BusyPoll(settings.busy_poll_us, manager.metrics.busy_poll_seconds),
+        edge=Edge(settings.access, metrics=manager.metrics) if settings.access else None,
     )
 
 
@@ -82,6 +84,8 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: /v2/health/live answers at once, /ready once models are warm.
         tasks = [asyncio.create_task(_start(deps))]
+        if deps.edge is not None:
+            tasks.append(asyncio.create_task(deps.edge.watch()))  # keys, grants, quotas, JWKS
         yield
         for task in tasks:
             task.cancel()

@@ -12,6 +12,7 @@ from inferplane.predictor import InProcessPredictor
 from inferplane.protocols.busy_poll import BusyPoll
 
 if TYPE_CHECKING:
+    from inferplane.edge.gate import Edge
     from inferplane.routing.policy_source import PolicySource
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
@@ -30,3 +31,4 @@ class ServingDeps:
     watch_policy: bool = False
     # polls the event loop briefly after answers (off unless the server sets a window)
     busy_poll: BusyPoll = field(default_factory=lambda: BusyPoll(0))
+    edge: Edge | None = None  # authentication, authorization, quotas; None: open (no --access)

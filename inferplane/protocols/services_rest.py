@@ -9,9 +9,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from inferplane.edge.access import ADMIN
 from inferplane.errors import InferplaneError
 from inferplane.protocols.deps import ServingDeps
-from inferplane.protocols.v2_rest import guarded, json_response
+from inferplane.protocols.v2_rest import gated, json_response
 from inferplane.routing.policy import Target
 
 
@@ -51,4 +52,5 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         source = deps.policy.url if deps.policy is not None else None
         return json_response({"source": source, "services": out})
 
-    return [Route("/inferplane/services", guarded(list_services), methods=["GET"])]
+    # The policy in force is an operator's view (weights, breakers): admin, like changing it.
+    return [Route("/inferplane/services", gated(deps, ADMIN, None, list_services), methods=["GET"])]

@@ -13,12 +13,15 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from inferplane.edge.access import INFER, READ
+from inferplane.edge.quotas import NO_LEASE
 from inferplane.engine.manager import State
+from inferplane.engine.scheduler import batch_rows
 from inferplane.errors import BadRequest, NotFound
 from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
 from inferplane.protocols.v2_codec import TENANT_HEADER, loads
-from inferplane.protocols.v2_rest import guarded, json_response, read_body
+from inferplane.protocols.v2_rest import gated, guarded, json_response, read_body, require
 from inferplane.repository.schema import ModelConfig
 from inferplane.tensors import BYTES, bytes_as_str, dtype_of
 
@@ -80,19 +83,31 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         version = request.path_params.get("version")
         if "/versions/" in name:
             name, version = name.split("/versions/", 1)
-        lv, _ = predictor.router.resolve(name, version)
-        body = await read_body(request, deps.max_payload_bytes)
-        inputs, rows = _decode(lv.config, loads(body))
-        # No version asked: a service routes it (the version resolved above only gave the
-        # signature to decode against).
-        prediction = await predictor.predict(
-            name,
-            inputs,
-            version=version,
-            context=RequestContext(
-                tenant=request.headers.get(TENANT_HEADER.decode()), headers=dict(request.headers)
-            ),
-        )
+        tenant = request.headers.get(TENANT_HEADER.decode())
+        principal = await require(deps, request, INFER, name)
+        lease = NO_LEASE
+        try:
+            if principal is not None and deps.edge is not None:
+                tenant = deps.edge.tenant(principal, tenant)
+                lease = deps.edge.admit(principal, name)
+            lv, _ = predictor.router.resolve(name, version)
+            body = await read_body(request, deps.max_payload_bytes)
+            inputs, rows = _decode(lv.config, loads(body))
+            lease.charge_rows(batch_rows(inputs))
+            # No version asked: a service routes it (the version resolved above only gave the
+            # signature to decode against).
+            prediction = await predictor.predict(
+                name,
+                inputs,
+                version=version,
+                context=RequestContext(
+                    tenant=tenant,
+                    principal=principal.name if principal is not None else None,
+                    headers=dict(request.headers),
+                ),
+            )
+        finally:
+            lease.release()
         columns = {k: _plain(v) for k, v in prediction.outputs.items()}
         if len(columns) == 1:
             values: Any = next(iter(columns.values()))
@@ -122,6 +137,6 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         )
 
     return [
-        Route("/v1/models/{target:path}", guarded(predict), methods=["POST"]),
-        Route("/v1/models/{name}", guarded(status), methods=["GET"]),
+        Route("/v1/models/{target:path}", guarded(predict), methods=["POST"]),  # checks inside
+        Route("/v1/models/{name}", gated(deps, READ, "name", status), methods=["GET"]),
     ]

@@ -24,6 +24,7 @@ from inferplane.tensors import (
 HEADER_LENGTH = b"inference-header-content-length"  # binary tensor extension
 TIMEOUT_HEADER = b"x-inferplane-timeout-ms"  # REST; gRPC uses its own deadlines
 TENANT_HEADER = b"x-tenant"  # who is calling, for services' tenant rules and the audit trail
+API_KEY_HEADER = b"x-api-key"  # an API key where a client cannot set Authorization
 ROUTE_PARAMETER = "inferplane_route"  # response parameter naming a service's route decision
 _JSON_OPTS = orjson.OPT_SERIALIZE_NUMPY
 _NO_TAIL = memoryview(b"")

@@ -15,11 +15,15 @@ import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from inferplane.edge.access import INFER
+from inferplane.edge.quotas import NO_LEASE
+from inferplane.engine.scheduler import batch_rows
 from inferplane.errors import DeadlineExceeded, InferplaneError, PayloadTooLarge
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
 from inferplane.protocols.v2_codec import (
+    API_KEY_HEADER,
     HEADER_LENGTH,
     ROUTE_PARAMETER,
     TENANT_HEADER,
@@ -67,10 +71,9 @@ class InferHandler:
         manager = deps.manager
         label_model, label_version, status = UNKNOWN, "", 500
         manager.inflight += 1
+        lease = NO_LEASE
         try:
-            if isinstance(body, InferplaneError):
-                raise body
-            header_len = traceparent = timeout_ms = tenant = None
+            header_len = traceparent = timeout_ms = tenant = authorization = api_key = None
             for key, value in headers:
                 if key == HEADER_LENGTH:
                     header_len = value.decode("latin-1")
@@ -80,11 +83,27 @@ class InferHandler:
                     timeout_ms = value
                 elif key == TENANT_HEADER:
                     tenant = value.decode("latin-1")
+                elif key == b"authorization":
+                    authorization = value.decode("latin-1")
+                elif key == API_KEY_HEADER:
+                    api_key = value.decode("latin-1")
+            principal = None
+            edge = deps.edge
+            if edge is not None:
+                # Before the body is looked at: a caller without rights learns nothing more.
+                who = await edge.check(INFER, name, authorization, api_key, peer_cert)
+                tenant, principal = edge.tenant(who, tenant), who.name
+                lease = edge.admit(who, name)
+            if isinstance(body, InferplaneError):
+                raise body
             decoded = decode_request(body, header_len)
+            if lease is not NO_LEASE:
+                lease.charge_rows(batch_rows(decoded.inputs))
             service = version is None and deps.predictor.is_service(name)
             context = RequestContext(
                 request_id=decoded.id,
                 tenant=tenant,
+                principal=principal,
                 traceparent=traceparent,
                 deadline=request_deadline(decoded.parameters, timeout_ms),
                 priority=request_priority(decoded.parameters),
@@ -117,12 +136,13 @@ class InferHandler:
             status = exc.status
             if name in manager.models:
                 label_model = name
-            return status, [_JSON_TYPE], dumps({"error": exc.message})
+            return status, [_JSON_TYPE, *exc.response_headers()], dumps({"error": exc.message})
         except Exception:
             log.exception("internal error on POST /v2/models/%s/infer", name)
             return 500, [_JSON_TYPE], dumps({"error": "internal server error (see the server log)"})
         finally:
             manager.inflight -= 1
+            lease.release()
             # Counted just after the answer is written (the caller writes it in this same step).
             asyncio.get_running_loop().call_soon(
                 self._count, label_model, label_version, status, time.perf_counter() - started

@@ -11,14 +11,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from inferplane.edge.access import ADMIN, READ
+from inferplane.edge.identity import Principal
 from inferplane.engine.manager import LoadedVersion, ModelEntry
 from inferplane.errors import BadRequest, InferplaneError
 from inferplane.protocols import model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
-from inferplane.protocols.v2_codec import (
-    dumps,
-    loads,
-)
+from inferplane.protocols.v2_codec import API_KEY_HEADER, dumps, loads
 from inferplane.protocols.v2_infer_asgi import read_body_limited
 
 log = logging.getLogger("inferplane.rest")
@@ -30,10 +29,58 @@ def json_response(doc: Any, status: int = 200) -> Response:
 
 
 def error_response(exc: InferplaneError) -> Response:
-    return json_response({"error": exc.message}, exc.status)
+    response = json_response({"error": exc.message}, exc.status)
+    for name, value in exc.response_headers():
+        response.headers[name.decode()] = value.decode("latin-1")
+    return response
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+PRINCIPAL = "inferplane.principal"  # the ASGI scope key the edge leaves its principal under
+PEER_CERT = "inferplane.peer_cert"  # ... and the HTTP protocol the TLS client certificate
+
+
+async def require(
+    deps: ServingDeps, request: Request, scope: str, target: str | None
+) -> Principal | None:
+    """The caller, once the edge let them `scope` on `target` (None when the edge is off)."""
+    edge = deps.edge
+    if edge is None:
+        return None
+    headers = request.headers
+    principal = await edge.check(
+        scope,
+        target,
+        headers.get("authorization"),
+        headers.get(API_KEY_HEADER.decode()),
+        request.scope.get(PEER_CERT),
+    )
+    request.scope[PRINCIPAL] = principal
+    return principal
+
+
+def gated(
+    deps: ServingDeps, scope: str | None, target_param: str | None, handler: Handler
+) -> Handler:
+    """`handler` behind the edge: `scope` on the path parameter `target_param` (None: a
+    server-level endpoint, allowed with the scope on any target); scope None stays open."""
+    if deps.edge is None or scope is None:
+        return guarded(handler)
+
+    async def checked(request: Request) -> Response:
+        target = request.path_params.get(target_param) if target_param else None
+        await require(deps, request, scope, target)
+        return await handler(request)
+
+    return guarded(checked)
+
+
+def visible(deps: ServingDeps, request: Request, scope: str) -> Callable[[str], bool]:
+    """Which model names a listing may show the caller (all when the edge is off)."""
+    principal = request.scope.get(PRINCIPAL)
+    if deps.edge is None or principal is None:
+        return lambda name: True
+    return deps.edge.filter(principal, scope)
 
 
 def guarded(handler: Handler) -> Handler:
@@ -100,7 +147,8 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         rows = model_views.statistics(
             manager, request.path_params.get("model"), version_param(request)
         )
-        return json_response({"model_stats": rows})
+        shown = visible(deps, request, READ)
+        return json_response({"model_stats": [r for r in rows if shown(r["name"])]})
 
     async def repo_index(request: Request) -> Response:
         body = await read_body(request, deps.max_payload_bytes)
@@ -108,7 +156,9 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         if body.strip():
             doc = _json_object(body)
             ready_only = bool(doc.get("ready", False))
-        return json_response(await model_views.list_repository(manager, ready_only))
+        shown = visible(deps, request, READ)
+        rows = await model_views.list_repository(manager, ready_only)
+        return json_response([r for r in rows if shown(r["name"])])
 
     async def repo_load(request: Request) -> Response:
         name = request.path_params["model"]
@@ -129,25 +179,30 @@ def build_routes(deps: ServingDeps) -> list[Route]:
 
     m = "/v2/models/{model}"
     mv = "/v2/models/{model}/versions/{version}"
-    table: list[tuple[str, Handler, list[str]]] = [
-        ("/v2/health/live", live, ["GET"]),
-        ("/v2/health/ready", ready, ["GET"]),
-        ("/v2", server_metadata, ["GET"]),
-        ("/v2/models/stats", stats, ["GET"]),
-        (f"{m}/ready", model_ready, ["GET"]),
-        (f"{mv}/ready", model_ready, ["GET"]),
-        (f"{m}/config", model_config, ["GET"]),
-        (f"{mv}/config", model_config, ["GET"]),
-        (f"{m}/stats", stats, ["GET"]),
-        (f"{mv}/stats", stats, ["GET"]),
-        (m, model_metadata, ["GET"]),
-        (mv, model_metadata, ["GET"]),
-        ("/v2/repository/index", repo_index, ["POST"]),
-        ("/v2/repository/models/{model}/load", repo_load, ["POST"]),
-        ("/v2/repository/models/{model}/unload", repo_unload, ["POST"]),
-        ("/metrics", prometheus, ["GET"]),
+    metrics_scope = None if deps.edge is None or deps.edge.metrics_open else READ
+    # path, handler, methods, scope (None: open, like Triton's health group), target parameter
+    table: list[tuple[str, Handler, list[str], str | None, str | None]] = [
+        ("/v2/health/live", live, ["GET"], None, None),
+        ("/v2/health/ready", ready, ["GET"], None, None),
+        ("/v2", server_metadata, ["GET"], READ, None),
+        ("/v2/models/stats", stats, ["GET"], READ, None),
+        (f"{m}/ready", model_ready, ["GET"], None, None),
+        (f"{mv}/ready", model_ready, ["GET"], None, None),
+        (f"{m}/config", model_config, ["GET"], READ, "model"),
+        (f"{mv}/config", model_config, ["GET"], READ, "model"),
+        (f"{m}/stats", stats, ["GET"], READ, "model"),
+        (f"{mv}/stats", stats, ["GET"], READ, "model"),
+        (m, model_metadata, ["GET"], READ, "model"),
+        (mv, model_metadata, ["GET"], READ, "model"),
+        ("/v2/repository/index", repo_index, ["POST"], READ, None),
+        ("/v2/repository/models/{model}/load", repo_load, ["POST"], ADMIN, "model"),
+        ("/v2/repository/models/{model}/unload", repo_unload, ["POST"], ADMIN, "model"),
+        ("/metrics", prometheus, ["GET"], metrics_scope, None),
     ]
-    return [Route(path, guarded(h), methods=methods) for path, h, methods in table]
+    return [
+        Route(path, gated(deps, scope, target, h), methods=methods)
+        for path, h, methods, scope, target in table
+    ]
 
 
 def _json_object(body: bytes) -> dict[str, Any]:
