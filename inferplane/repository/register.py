@@ -12,7 +12,13 @@ from pydantic import ValidationError
 
 from inferplane.errors import RepositoryError, VersionTaken
 from inferplane.repository.optimize import OPTIMIZED_ARTIFACT, OptimizeOptions, optimize_version
-from inferplane.repository.schema import MODEL_NAME, Batching, ModelConfig, TensorDecl, describe
+from inferplane.repository.schema import (
+    Batching,
+    ModelConfig,
+    TensorDecl,
+    check_model_name,
+    describe,
+)
 from inferplane.repository.store import Repository
 from inferplane.runtimes import get_runtime, guess_runtime
 from inferplane.tensors import TensorSpec
@@ -78,6 +84,7 @@ def register(
     model.yaml says which one serves, and `metadata.optimization` holds the check's figures or the
     reason the original serves as it is.
     """
+    check_model_name(name)  # before anything opens the artifact
     art_name, files = _collect_files(artifact)
     runtime = runtime or guess_runtime(os.path.abspath(artifact))
     if runtime is None:
@@ -95,11 +102,6 @@ def register(
         raise RepositoryError(
             f"the {runtime} artifact does not describe its signature; pass "
             f"{' and '.join(missing)} name:DATATYPE:shape (e.g. --input input:FP32:-1,32)"
-        )
-    if not MODEL_NAME.match(name):
-        raise RepositoryError(
-            f"model name '{name}': use letters, digits, '_', '.', '-' (max 128), starting with a "
-            "letter or digit"
         )
     existing = repository.list_versions(name)
     new_version = version if version is not None else (existing[-1] + 1 if existing else 1)

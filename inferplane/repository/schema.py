@@ -3,18 +3,108 @@
 from __future__ import annotations
 
 import re
+import string
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from inferplane.errors import RepositoryError
+from inferplane.errors import BadRequest, RepositoryError
 from inferplane.tensors import DATATYPE_TO_DTYPE, TensorSpec
 
 RUNTIMES = ("onnx", "sklearn", "xgboost", "lightgbm", "torch", "python")
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
-ALIAS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
+MODEL_NAME_MAX = 128
+_NAME_CHARS = frozenset(string.ascii_letters + string.digits + "_.-")
+# \Z, not $: `$` also matches before a trailing newline, and "prod\n" is no alias.
+ALIAS_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}\Z")
 MODEL_YAML = "model.yaml"
+
+
+def _shown(text: str) -> str:
+    """User text quoted for a message or a log line: escaped (no control characters, newlines or
+    terminal sequences reach a log) and cut short."""
+    return ascii(text[:64] + ("..." if len(text) > 64 else ""))
+
+
+def model_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a model name, or None when it can.
+
+    The one rule for every model name, whether it comes from a request (REST path, gRPC field),
+    the command line or a model.yaml: a model is one folder directly under the repository root,
+    so a name is a single path component from a small alphabet. This is Triton's
+    ValidateModelName (no '..', no '/') made positive: a list of what is allowed instead of the
+    few tricks known today. Names are taken as given, never percent-decoded again, so '%' is
+    refused like any character outside the alphabet.
+    """
+    if not name:
+        return "model name is empty"
+    if len(name) > MODEL_NAME_MAX:
+        return f"model name is {len(name)} characters long; the limit is {MODEL_NAME_MAX}"
+    for bad, what in (("\0", "a NUL byte"), ("/", "'/'"), ("\\", "'\\'"), ("..", "'..'")):
+        if bad in name:
+            return f"model name {_shown(name)} contains {what}; a name is one folder name"
+    for ch in name:
+        if ch not in _NAME_CHARS:
+            return (
+                f"model name {_shown(name)} contains {ch!a}; use letters, digits, '_', "
+                f"'.', '-' (at most {MODEL_NAME_MAX})"
+            )
+    if not name[0].isalnum():
+        return f"model name {_shown(name)} must start with a letter or a digit"
+    return None
+
+
+def check_model_name(name: str) -> str:
+    """`name`, or BadRequest (400, gRPC INVALID_ARGUMENT) saying what is wrong with it."""
+    if not isinstance(name, str):
+        raise BadRequest(f"model name must be a string, not {type(name).__name__}")
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise BadRequest(problem)
+    return name
+
+
+def check_version(version: int | str) -> int:
+    """A version number (a positive integer, or its ASCII digits), or BadRequest."""
+    if isinstance(version, bool):  # bool is an int subclass: True would be version 1
+        raise BadRequest(f"version {version!r} is not a version number")
+    if isinstance(version, int):
+        number = version
+    elif isinstance(version, str) and version.isascii() and version.isdigit():
+        number = int(version)
+    else:
+        raise BadRequest(f"version {_shown(str(version))} is not a positive integer")
+    if number < 1 or len(str(number)) > 18:
+        raise BadRequest(f"version {number} is out of range (1 to 18 digits)")
+    return number
+
+
+def check_version_ref(ref: int | str) -> int | str:
+    """A version reference: its number (digits) or an alias name; BadRequest otherwise."""
+    if isinstance(ref, str) and not (ref.isascii() and ref.isdigit()):
+        if not ALIAS_NAME.match(ref):
+            raise BadRequest(
+                f"version {_shown(ref)} is neither a version number nor an alias (a letter, then "
+                "letters, digits, '_', '-'; at most 64)"
+            )
+        return ref
+    return check_version(ref)
+
+
+def relative_file_problem(path: str) -> str | None:
+    """Why `path` cannot name a file inside a version folder (model.yaml's artifact, sha256 keys),
+    or None: relative, no '..' or empty components, no backslash or NUL, so that a model.yaml
+    cannot point the loader or the download cache outside the version."""
+    if not path:
+        return "empty path"
+    if "\0" in path or "\\" in path:
+        return f"{_shown(path)} contains a NUL byte or a backslash"
+    if path.startswith("/"):
+        return f"{_shown(path)} is absolute; paths are relative to the version folder"
+    parts = path.rstrip("/").split("/")
+    if any(p in ("", ".", "..") for p in parts):
+        return f"{_shown(path)} has an empty, '.' or '..' component"
+    return None
 
 
 def describe(exc: ValidationError) -> str:
@@ -95,6 +185,14 @@ class Optimized(BaseModel):
     enabled: bool = True
     outputs: dict[str, OptimizedOutput]
 
+    @field_validator("artifact")
+    @classmethod
+    def _artifact(cls, v: str) -> str:
+        problem = relative_file_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
     @field_validator("outputs", mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
@@ -132,8 +230,26 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        if not MODEL_NAME.match(v):
-            raise ValueError("model names use letters, digits, '_', '.', '-' (max 128)")
+        problem = model_name_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("artifact")
+    @classmethod
+    def _artifact(cls, v: str) -> str:
+        problem = relative_file_problem(v)
+        if problem is not None:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("sha256")
+    @classmethod
+    def _sha256_files(cls, v: dict[str, str]) -> dict[str, str]:
+        for rel in v:
+            problem = relative_file_problem(rel)
+            if problem is not None:
+                raise ValueError(problem)
         return v
 
     @field_validator("device")

@@ -20,8 +20,16 @@ import fsspec
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from inferplane.errors import IntegrityError, NotFound, RepositoryError, VersionTaken
-from inferplane.repository.schema import ALIAS_NAME, MODEL_NAME, MODEL_YAML, ModelConfig
+from inferplane.errors import BadRequest, IntegrityError, NotFound, RepositoryError, VersionTaken
+from inferplane.repository.schema import (
+    ALIAS_NAME,
+    MODEL_YAML,
+    ModelConfig,
+    check_model_name,
+    check_version,
+    check_version_ref,
+    model_name_problem,
+)
 
 ALIASES_YAML = "aliases.yaml"
 _CHUNK = 1 << 20
@@ -53,11 +61,31 @@ class Repository:
         self._cache_dir = cache_dir
 
     # paths -------------------------------------------------------------------------------
+    # Every path below the root is built by _model_path (a model's folder and what is in it),
+    # so a name or version from a request, a command line or a model.yaml is checked once,
+    # here, before anything is read or written.
     def _path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
 
+    def _model_path(self, model: str, *parts: str) -> str:
+        path = self._path(check_model_name(model), *parts)
+        # The name rule already keeps `model` to one folder; this second check holds even for
+        # a caller that slips a separator into `parts`. Lexical on purpose: a symlink that the
+        # repository's owner put inside the root is followed as they meant it.
+        normal = posixpath.normpath(path)
+        if self.is_local:
+            normal = os.path.abspath(normal)
+        if not normal.startswith(self._root_prefix):
+            raise BadRequest(f"model {model!r}: the path leaves the repository")
+        return path
+
+    @property
+    def _root_prefix(self) -> str:
+        root = os.path.abspath(self.root) if self.is_local else posixpath.normpath(self.root)
+        return root if root.endswith("/") else root + "/"
+
     def version_path(self, model: str, version: int) -> str:
-        return self._path(model, str(version))
+        return self._model_path(model, str(check_version(version)))
 
     # reading -----------------------------------------------------------------------------
     def exists(self) -> bool:
@@ -69,12 +97,16 @@ class Repository:
         names = []
         for entry in self.fs.ls(self.root, detail=True):
             name = posixpath.basename(entry["name"].rstrip("/"))
-            if entry["type"] == "directory" and MODEL_NAME.match(name) and self.list_versions(name):
+            if (
+                entry["type"] == "directory"
+                and model_name_problem(name) is None
+                and self.list_versions(name)
+            ):
                 names.append(name)
         return sorted(names)
 
     def list_versions(self, model: str) -> list[int]:
-        base = self._path(model)
+        base = self._model_path(model)
         if not self.fs.exists(base):
             return []
         versions = []
@@ -82,15 +114,16 @@ class Repository:
             name = posixpath.basename(entry["name"].rstrip("/"))
             if (
                 entry["type"] == "directory"
+                and name.isascii()  # "²".isdigit() holds, yet int("²") raises
                 and name.isdigit()
                 and int(name) > 0
-                and self.fs.exists(self._path(model, name, MODEL_YAML))
+                and self.fs.exists(self._model_path(model, name, MODEL_YAML))
             ):
                 versions.append(int(name))
         return sorted(versions)
 
     def read_config(self, model: str, version: int) -> ModelConfig:
-        path = self._path(model, str(version), MODEL_YAML)
+        path = posixpath.join(self.version_path(model, version), MODEL_YAML)
         try:
             with self.fs.open(path, "rb") as fh:
                 text = fh.read().decode("utf-8")
@@ -110,18 +143,25 @@ class Repository:
 
     # aliases -----------------------------------------------------------------------------
     def aliases(self, model: str) -> dict[str, int]:
-        path = self._path(model, ALIASES_YAML)
+        path = self._model_path(model, ALIASES_YAML)
         if not self.fs.exists(path):
             return {}
         with self.fs.open(path, "rb") as fh:
             data = yaml.safe_load(fh.read()) or {}
         if not isinstance(data, dict):
             raise RepositoryError(f"{model}/{ALIASES_YAML}: expected a mapping alias -> version")
-        return {str(k): int(v) for k, v in data.items()}
+        try:
+            return {str(k): int(v) for k, v in data.items()}
+        except (TypeError, ValueError):
+            raise RepositoryError(
+                f"{model}/{ALIASES_YAML}: every alias maps to a version number"
+            ) from None
 
     def set_alias(self, model: str, alias: str, version: int) -> None:
-        if not ALIAS_NAME.match(alias) or alias.isdigit():
-            raise RepositoryError(f"alias '{alias}': use a letter then letters, digits, '_', '-'")
+        if not ALIAS_NAME.match(alias):
+            raise RepositoryError(
+                f"alias {alias!r}: use a letter then letters, digits, '_', '-' (at most 64)"
+            )
         if version not in self.list_versions(model):
             raise NotFound(f"model '{model}' has no version {version}")
         aliases = self.aliases(model)
@@ -137,17 +177,19 @@ class Repository:
 
     def _write_aliases(self, model: str, aliases: dict[str, int]) -> None:
         text = yaml.safe_dump(dict(sorted(aliases.items())), sort_keys=False)
-        self._write_text(self._path(model, ALIASES_YAML), text)
+        self._write_text(self._model_path(model, ALIASES_YAML), text)
 
     def resolve_version(self, model: str, ref: str | int | None) -> int:
         """A version number, an alias, or None (`production` alias if set, else the latest)."""
+        if ref is not None:
+            ref = check_version_ref(ref)
         versions = self.list_versions(model)
         if not versions:
             raise NotFound(f"unknown model '{model}'")
         if ref is None:
             return self.aliases(model).get("production", versions[-1])
         text = str(ref)
-        if text.isdigit():
+        if isinstance(ref, int):
             if int(text) not in versions:
                 raise NotFound(f"model '{model}' has no version {text}")
             return int(text)
@@ -174,7 +216,7 @@ class Repository:
         Checksums are computed from the copies as written, so what is recorded is what is stored.
         """
         vdir = self.version_path(config.name, config.version)
-        if self.fs.exists(self._path(config.name, str(config.version), MODEL_YAML)):
+        if self.fs.exists(posixpath.join(vdir, MODEL_YAML)):
             raise VersionTaken(
                 f"model '{config.name}' version {config.version} already exists; "
                 "versions are immutable"

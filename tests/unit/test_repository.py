@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import posixpath
+import re
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import yaml
 
-from inferplane.errors import IntegrityError, NotFound, RepositoryError
+from inferplane.errors import BadRequest, IntegrityError, NotFound, RepositoryError
 from inferplane.repository import Batching, ModelConfig, Repository, TensorDecl, verify
 from inferplane.repository.register import parse_tensor_arg, register
 from inferplane.tensors import TensorSpec
@@ -150,7 +151,7 @@ def test_folder_without_model_yaml_is_not_a_version(
     put(repo, stored(repo, "fraud", 3, "model.onnx"), b"half-written")
     put(repo, stored(repo, "ghost", 1, "model.onnx"), b"half-written")
     # and things that are not versions at all
-    put(repo, stored(repo, "fraud", 0, "model.yaml"), b"name: fraud")
+    put(repo, posixpath.join(repo.root, "fraud", "0", "model.yaml"), b"name: fraud")
     put(repo, posixpath.join(repo.root, "fraud", "notes", "x"), b"x")
 
     repo = fresh(repo, tmp_path, "c1")
@@ -456,22 +457,25 @@ def test_register_folder_artifact_records_every_file(repo: Repository, tmp_path:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "expected"),
+    ("kwargs", "error", "expected"),
     [
-        ({"name": "bad name!"}, "name"),
-        ({"device": "gpu"}, "device"),
-        ({"instances": 0}, "instances"),
+        # a name is a request-level mistake (the same BadRequest a server answers), checked
+        # before the artifact is even opened
+        ({"name": "bad name!"}, BadRequest, "model name 'bad name!' contains ' '"),
+        ({"device": "gpu"}, RepositoryError, "device"),
+        ({"instances": 0}, RepositoryError, "instances"),
     ],
     ids=["name", "device", "instances"],
 )
-def test_register_invalid_settings_are_repository_errors(
-    tmp_path: Path, onnx4: str, kwargs: dict, expected: str
+def test_register_invalid_settings_are_refused(
+    tmp_path: Path, onnx4: str, kwargs: dict, error: type[Exception], expected: str
 ) -> None:
     repo = Repository(str(tmp_path / "repo"))
     settings = dict(kwargs)
     name = settings.pop("name", "fraud")
-    with pytest.raises(RepositoryError, match=expected):
+    with pytest.raises(error, match=re.escape(expected)):
         register(repo, name, onnx4, **settings)
+    assert not os.path.exists(tmp_path / "repo")
 
 
 def test_model_config_yaml_is_valid_for_the_architecture_example() -> None:
@@ -519,3 +523,180 @@ def test_a_crashed_registration_never_lends_its_number_to_other_files(
     assert register(repo, "crashed", onnx4).version == 2
     with pytest.raises(RepositoryError, match="version 1 is taken by another registration"):
         register(repo, "crashed", onnx4, version=1)
+
+
+# --- names and versions cannot leave the repository ------------------------------------------
+
+# (name, what the 400 says): every way found so far of writing "somewhere else" as a model name
+ESCAPES = [
+    ("../outside", "contains '/'"),
+    ("..", "contains '..'"),
+    ("%2e%2e", "contains '%'"),
+    ("..%2Foutside", "contains '..'"),
+    ("/etc", "contains '/'"),
+    ("a/../../b", "contains '/'"),
+    ("..\\outside", "contains '\\'"),
+    ("fraud\x00.yaml", "a NUL byte"),
+    ("fraud\n", "contains '\\n'"),
+    (".hidden", "must start with a letter or a digit"),
+    ("-rf", "must start with a letter or a digit"),
+    ("frâud", "contains '\\xe2'"),
+    ("", "model name is empty"),
+    ("x" * 129, "129 characters long; the limit is 128"),
+]
+
+
+@pytest.fixture
+def beside(tmp_path: Path, onnx4: str) -> tuple[Repository, Repository]:
+    """(the repository, a valid repository right next to it) with model 'fraud' in each: what a
+    name escaping the first would find."""
+    repo = Repository(str(tmp_path / "repo"))
+    outside = Repository(str(tmp_path / "outside"))
+    register(repo, "fraud", onnx4)
+    register(outside, "fraud", onnx4)
+    return repo, outside
+
+
+def spy_paths(monkeypatch: pytest.MonkeyPatch, repo: Repository) -> list[str]:
+    """Every path the repository's filesystem is asked about from now on."""
+    seen: list[str] = []
+    for method in ("open", "exists", "ls", "makedirs", "put_file", "info", "isdir"):
+        real = getattr(repo.fs, method)
+
+        def spy(
+            path: str, *args: object, _real: Callable[..., object] = real, **kw: object
+        ) -> object:
+            seen.append(str(path))
+            return _real(path, *args, **kw)
+
+        monkeypatch.setattr(repo.fs, method, spy)
+    return seen
+
+
+@pytest.mark.parametrize(("name", "says"), ESCAPES, ids=[ascii(n)[:24] for n, _ in ESCAPES])
+def test_a_model_name_cannot_leave_the_repository(
+    beside: tuple[Repository, Repository],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    says: str,
+) -> None:
+    repo, _ = beside
+    seen = spy_paths(monkeypatch, repo)
+    calls: list[Callable[[], object]] = [
+        lambda: repo.list_versions(name),
+        lambda: repo.read_config(name, 1),
+        lambda: repo.aliases(name),
+        lambda: repo.resolve_version(name, None),
+        lambda: repo.resolve_version(name, "1"),
+        lambda: repo.set_alias(name, "production", 1),
+        lambda: repo.remove_alias(name, "production"),
+        lambda: repo.version_path(name, 1),
+    ]
+    for call in calls:
+        with pytest.raises(BadRequest) as caught:
+            call()
+        assert says in caught.value.message
+        assert caught.value.status == 400 and caught.value.grpc_code == "INVALID_ARGUMENT"
+    assert seen == []  # refused before the filesystem was asked anything
+
+
+def test_register_refuses_an_escaping_name_before_writing(
+    beside: tuple[Repository, Repository], onnx4: str, tmp_path: Path
+) -> None:
+    repo, outside = beside
+    with pytest.raises(BadRequest, match="contains '/'"):
+        register(repo, "../outside/fraud", onnx4)
+    assert outside.list_versions("fraud") == [1]
+    assert not (tmp_path / "outside" / "fraud" / "2").exists()
+
+
+@pytest.mark.parametrize(
+    ("version", "says"),
+    [
+        (0, "version 0 is out of range"),
+        (-1, "version -1 is out of range"),
+        (True, "is not a version number"),
+        ("../1", "'../1' is not a positive integer"),
+        ("1/../../x", "is not a positive integer"),
+        ("²", "is not a positive integer"),  # str.isdigit() says yes, int() raises
+        ("\u0661", "is not a positive integer"),  # Arabic-Indic 1: int() would take it
+        (10**19, "out of range"),
+    ],
+)
+def test_a_version_number_cannot_leave_the_model(
+    beside: tuple[Repository, Repository], version: object, says: str
+) -> None:
+    repo, _ = beside
+    for call in (repo.version_path, repo.read_config):
+        with pytest.raises(BadRequest, match=re.escape(says)):
+            call("fraud", version)  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("ref", "says"),
+    [
+        ("../outside", "neither a version number nor an alias"),
+        ("prod uction", "neither a version number nor an alias"),
+        ("²", "neither a version number nor an alias"),
+        ("production\n", "neither a version number nor an alias"),
+        (0, "out of range"),
+    ],
+)
+def test_a_version_reference_is_a_number_or_an_alias(
+    beside: tuple[Repository, Repository], ref: object, says: str
+) -> None:
+    repo, _ = beside
+    with pytest.raises(BadRequest, match=says):
+        repo.resolve_version("fraud", ref)  # type: ignore[arg-type]
+    repo.set_alias("fraud", "production", 1)
+    assert repo.resolve_version("fraud", "production") == 1
+    assert repo.resolve_version("fraud", "1") == 1
+    assert repo.resolve_version("fraud", 1) == 1
+
+
+def test_listing_skips_folders_that_are_no_model_or_version(
+    beside: tuple[Repository, Repository], tmp_path: Path
+) -> None:
+    repo, _ = beside
+    root = tmp_path / "repo"
+    for odd in (".hidden", "a..b", "fraud\n", "-x"):
+        (root / odd / "1").mkdir(parents=True)
+        (root / odd / "1" / "model.yaml").write_text("name: x\n")
+    (root / "fraud" / "²").mkdir()  # isdigit() but not a number int() takes: was a ValueError
+    (root / "fraud" / "²" / "model.yaml").write_text("name: fraud\n")
+    assert repo.list_models() == ["fraud"]
+    assert repo.list_versions("fraud") == [1]
+
+
+def test_a_path_built_below_a_model_stays_in_the_repository(
+    beside: tuple[Repository, Repository],
+) -> None:
+    """The second check, for a path a future caller builds with separators in it."""
+    repo, _ = beside
+    with pytest.raises(BadRequest, match="the path leaves the repository"):
+        repo._model_path("fraud", "..", "..", "outside", "fraud")
+    assert repo._model_path("fraud", "1", "model.yaml").endswith("/repo/fraud/1/model.yaml")
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("artifact", "../../outside/fraud/1/model.onnx"),
+        ("artifact", "/etc/passwd"),
+        ("sha256", {"../../../evil.py": "00"}),
+        ("sha256", {"model.onnx": "00", "sub//x": "00"}),
+        ("sha256", {"a\\..\\b": "00"}),
+    ],
+)
+def test_model_yaml_cannot_point_outside_its_version(
+    beside: tuple[Repository, Repository], tmp_path: Path, field: str, value: object
+) -> None:
+    """model.yaml names the files the loader opens and the download cache writes: both must stay
+    in the version folder."""
+    repo, _ = beside
+    path = tmp_path / "repo" / "fraud" / "1" / "model.yaml"
+    doc = yaml.safe_load(path.read_text())
+    doc[field] = value
+    path.write_text(yaml.safe_dump(doc))
+    with pytest.raises(RepositoryError, match=f"{field}"):
+        repo.read_config("fraud", 1)
