@@ -20,15 +20,11 @@ from inferplane.context import RequestContext
 from inferplane.edge.validation import validate_inputs
 from inferplane.engine.manager import LoadedVersion, ModelManager
 from inferplane.errors import BadRequest, InferplaneError, InternalError
-from inferplane.observability.audit import (
-    AuditLog,
-    AuditRecord,
-    open_sink,
-    payload_hash,
-    payload_json,
-)
+from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
 from inferplane.observability.metrics import Metrics
+from inferplane.observability.redaction import AuditRules, audit_salt
 from inferplane.repository.store import Repository
+from inferplane.routing.policy import Policy
 from inferplane.routing.policy_source import PolicySource, default_services_url
 from inferplane.routing.router import Router
 from inferplane.routing.services import Services
@@ -79,6 +75,10 @@ class InProcessPredictor:
         self.router = Router(manager)
         self.services = Services(self.router, self._run, manager.metrics)
         self.audit = audit
+        # The redaction rules of the policy in force, compiled when a sampled request first
+        # meets that policy (a reload swaps the policy object, so identity says when).
+        self._rules_of: Policy | None = None
+        self._rules = AuditRules()
 
     async def aclose(self) -> None:
         """Let shadows finish, stop the models, flush the audit trail."""
@@ -132,11 +132,20 @@ class InProcessPredictor:
                 tenant=context.tenant,
                 error=error,
                 pattern=context.pattern,
+                principal=context.principal,
             )
             if audit.wants_payload():
-                record.payload_hash = payload_hash(inputs)
-                record.payload = payload_json(inputs)
+                # Redacted here, before the record leaves the request: raw values of a
+                # redacted field never reach the buffer or the sink.
+                redactor = self._audit_rules().for_request(target, record.model)
+                record.payload_hash, record.payload = redactor.capture(inputs)
             audit.record(record)
+
+    def _audit_rules(self) -> AuditRules:
+        policy = self.services.policy
+        if policy is not self._rules_of:
+            self._rules, self._rules_of = policy.audit_rules(), policy
+        return self._rules
 
     async def _predict(
         self,
@@ -203,16 +212,30 @@ def build_in_process(
     models: Sequence[str] = (),
     services: str | None = None,
     audit_sink: str | None = None,
+    audit_payload_sample: float = 0.0,
     strict_readiness: bool = False,
 ) -> tuple[InProcessPredictor, PolicySource]:
     """The server's and the commands' in-process stack: a manager over `repository` (models not
-    loaded yet), its predictor with the audit trail, and where its traffic policy comes from
-    (`services`, default `<repository>/services.yaml` when present)."""
+    loaded yet), its predictor with the audit trail (keeping the redacted payload of a share
+    `audit_payload_sample` of requests), and where its traffic policy comes from (`services`,
+    default `<repository>/services.yaml` when present)."""
+    if not 0.0 <= audit_payload_sample <= 1.0:
+        raise BadRequest(
+            f"the audit payload sample must be within [0, 1], got {audit_payload_sample}"
+        )
     metrics = Metrics()
     manager = ModelManager(
         Repository(repository), metrics, list(models) or None, strict_readiness=strict_readiness
     )
-    audit = AuditLog(open_sink(audit_sink), registry=metrics.registry) if audit_sink else None
+    audit = None
+    if audit_sink:
+        audit = AuditLog(
+            open_sink(audit_sink),
+            registry=metrics.registry,
+            payload_sample_rate=audit_payload_sample,
+        )
+        if audit_payload_sample > 0:
+            audit_salt()  # reads the salt now: a missing one is reported at startup
     predictor = InProcessPredictor(manager, audit)
     policy = PolicySource(
         services or default_services_url(repository), predictor.services, services is not None
@@ -228,13 +251,15 @@ async def open_predictor(
     models: Sequence[str] = (),
     services: str | None = None,
     audit_sink: str | None = None,
+    audit_payload_sample: float = 0.0,
 ) -> AsyncIterator[Predictor]:
     """The predictor a streaming or batch command asked for: exactly one of the two options.
 
     In-process, the named models (default: all) are loaded and warmed before this yields, the
     traffic policy (`services`, default `<repository>/services.yaml` when present) applies as it
-    does in the server, and `audit_sink` (see docs/audit.md) records every prediction. Remote,
-    the server applies its own policy and audit.
+    does in the server, and `audit_sink` (see docs/audit.md) records every prediction, with the
+    redacted payload of a share `audit_payload_sample` of them. Remote, the server applies its
+    own policy and audit.
     """
     if (repository is None) == (server is None):
         raise BadRequest("give exactly one of --repository (in-process) and --server (remote)")
@@ -249,7 +274,11 @@ async def open_predictor(
         return
     assert repository is not None
     predictor, policy = build_in_process(
-        repository, models=models, services=services, audit_sink=audit_sink
+        repository,
+        models=models,
+        services=services,
+        audit_sink=audit_sink,
+        audit_payload_sample=audit_payload_sample,
     )
     try:
         await predictor.manager.load_initial()

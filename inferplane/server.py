@@ -63,6 +63,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         models=settings.models,
         services=settings.services,
         audit_sink=settings.audit_sink,
+        audit_payload_sample=settings.audit_payload_sample,
         strict_readiness=settings.strict_readiness,
     )
     manager = predictor.manager

@@ -10,7 +10,6 @@ the caller. `close()` (and `flush()`) wait until everything recorded so far is w
 from __future__ import annotations
 
 import atexit
-import hashlib
 import logging
 import random
 import threading
@@ -18,9 +17,11 @@ import time
 from collections import deque
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from inferplane.observability.redaction import MAX_VALUES, NO_REDACTION
 
 if TYPE_CHECKING:
     import numpy as np
@@ -47,8 +48,11 @@ class AuditRecord:
     tenant: str | None = None
     error: str | None = None
     pattern: str = "online"  # online | stream | batch
-    payload_hash: str | None = None
+    payload_hash: str | None = None  # of the redacted payload (docs/audit.md)
     payload: str | None = None
+    # Who called, as the edge authenticated them; last, so that positional records and
+    # databases written before it existed (their column is added at the end) keep working.
+    principal: str | None = None
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
@@ -79,6 +83,7 @@ def query(
     service: str | None = None,
     model: str | None = None,
     status: int | None = None,
+    principal: str | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
     """The latest `limit` matching records of a sink, oldest first (SQLite, JSONL or Parquet)."""
@@ -91,6 +96,7 @@ def query(
         service=service,
         model=model,
         status=status,
+        principal=principal,
         limit=limit,
     )
 
@@ -320,39 +326,17 @@ class _AuditCollector:
 
 
 def payload_hash(inputs: Mapping[str, np.ndarray]) -> str:
-    """sha256 of the input tensors (names, dtypes, shapes, values): equal inputs, equal hash."""
-    digest = hashlib.sha256()
-    for name in sorted(inputs):
-        arr = inputs[name]
-        digest.update(f"{name}\0{arr.dtype.str}\0{arr.shape}\0".encode())
-        if arr.dtype.kind == "O":  # BYTES tensors: objects, hashed element by element
-            for item in arr.ravel():
-                raw = item if isinstance(item, bytes) else str(item).encode()
-                digest.update(len(raw).to_bytes(8, "little"))
-                digest.update(raw)
-        else:
-            digest.update(memoryview(arr.tobytes()))
-    return digest.hexdigest()
+    """sha256 of the input tensors (names, dtypes, shapes, values): equal inputs, equal hash.
+
+    Unredacted; `redaction.Redactor.digest` is the same digest with a target's rules applied.
+    """
+    return NO_REDACTION.digest(inputs)
 
 
-def payload_json(inputs: Mapping[str, np.ndarray], max_values: int = 256) -> str:
+def payload_json(inputs: Mapping[str, np.ndarray], max_values: int = MAX_VALUES) -> str:
     """The inputs as JSON ({name: {dtype, shape, data}}), at most `max_values` values per tensor.
 
     A larger tensor keeps its first values and says `"truncated": true`, so a sampled payload
-    never makes the audit trail grow with request size.
+    never makes the audit trail grow with request size. Unredacted, like `payload_hash`.
     """
-    import orjson
-
-    out: dict[str, dict[str, Any]] = {}
-    for name, arr in inputs.items():
-        flat = arr.ravel()
-        values = flat[:max_values].tolist()
-        if arr.dtype.kind == "O":
-            values = [
-                v.decode("utf-8", "replace") if isinstance(v, bytes) else str(v) for v in values
-            ]
-        entry: dict[str, Any] = {"dtype": arr.dtype.name, "shape": list(arr.shape), "data": values}
-        if flat.size > max_values:
-            entry["truncated"] = True
-        out[name] = entry
-    return orjson.dumps(out).decode()
+    return NO_REDACTION.payload_json(inputs, max_values)

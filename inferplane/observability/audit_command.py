@@ -59,6 +59,9 @@ def audit_command(
     ] = None,
     model: Annotated[str | None, typer.Option(help="Only answers from this model.")] = None,
     status: Annotated[int | None, typer.Option(help="Only this status, e.g. 200 or 503.")] = None,
+    principal: Annotated[
+        str | None, typer.Option(help="Only requests of this authenticated caller.")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Print at most the latest N records.")] = 100,
     json_lines: Annotated[
         bool, typer.Option("--json", help="One JSON object per line instead of a table.")
@@ -78,6 +81,7 @@ def audit_command(
             service=service,
             model=model,
             status=status,
+            principal=principal,
             limit=limit,
         )
     except NotFound as exc:
@@ -103,9 +107,13 @@ def _print_table(records: list[AuditRecord], sink: str) -> None:
         Console(stderr=True).print(f"no audit records match in {sink}", highlight=False)
         return
     with_errors = any(r.error for r in records)
+    # Like the error column, only there when some record has one (a server without auth has none).
+    with_principals = any(r.principal for r in records)
     table = Table(title=f"audit records in {sink}")
     table.add_column("time (UTC)", no_wrap=True)
     table.add_column("request id", no_wrap=True)
+    if with_principals:
+        table.add_column("principal")
     for col in ("tenant", "service", "model", "version", "route"):
         table.add_column(col)
     table.add_column("latency ms", justify="right")
@@ -113,9 +121,10 @@ def _print_table(records: list[AuditRecord], sink: str) -> None:
     if with_errors:
         table.add_column("error")
     for r in records:
-        row = [
-            iso_utc(r.time),
-            r.request_id,
+        row = [iso_utc(r.time), r.request_id]
+        if with_principals:
+            row.append(r.principal or "-")
+        row += [
             r.tenant or "-",
             r.service,
             r.model or "-",

@@ -77,6 +77,30 @@ _INSERTS = {
 }
 
 
+def _columns(conn: sqlite3.Connection) -> list[str]:
+    return [row[1] for row in conn.execute("PRAGMA table_info(audit)")]
+
+
+def _add_missing_columns(conn: sqlite3.Connection) -> None:
+    """Bring a database written by an older inferplane up to FIELDS (new fields are added at
+    the end of AuditRecord, old rows read NULL in them).
+
+    Under BEGIN IMMEDIATE, so that replicas opening one old file at once add each column once.
+    """
+    if set(FIELDS) <= set(_columns(conn)):
+        return
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        present = set(_columns(conn))
+        for name in FIELDS:
+            if name not in present:
+                conn.execute(f"ALTER TABLE audit ADD COLUMN {name} {_SQL_TYPES.get(name, 'TEXT')}")
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+
+
 class SQLiteSink:
     """One table `audit`, indexed on time; one transaction per batch.
 
@@ -105,6 +129,7 @@ class SQLiteSink:
             with self._conn:
                 self._conn.execute(_CREATE)
                 self._conn.execute("CREATE INDEX IF NOT EXISTS audit_time ON audit (time)")
+            _add_missing_columns(self._conn)
         except (OSError, sqlite3.Error) as exc:
             raise BadRequest(f"cannot open the audit database '{self.path}': {exc}") from None
 
@@ -204,6 +229,7 @@ class _Filter:
     service: str | None
     model: str | None
     status: int | None
+    principal: str | None
 
     def matches(self, rec: dict[str, Any]) -> bool:
         return (
@@ -212,6 +238,7 @@ class _Filter:
             and (self.service is None or rec.get("service") == self.service)
             and (self.model is None or rec.get("model") == self.model)
             and (self.status is None or rec.get("status") == self.status)
+            and (self.principal is None or rec.get("principal") == self.principal)
         )
 
 
@@ -223,6 +250,7 @@ def query(
     service: str | None = None,
     model: str | None = None,
     status: int | None = None,
+    principal: str | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
     if limit < 1:
@@ -235,6 +263,7 @@ def query(
         service=service,
         model=model,
         status=status,
+        principal=principal,
     )
     kind, path = parse_spec(spec_or_path)
     readers: dict[str, Callable[[Path, _Filter, int], list[AuditRecord]]] = {
@@ -265,24 +294,30 @@ def _latest(rows: Iterable[dict[str, Any]], limit: int) -> list[AuditRecord]:
 
 
 def _query_sqlite(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
-    clauses: list[str] = []
-    params: list[Any] = []
-    for column, value, op in (
-        ("request_id", flt.request_id, "="),
-        ("time", flt.since, ">="),
-        ("service", flt.service, "="),
-        ("model", flt.model, "="),
-        ("status", flt.status, "="),
-    ):
-        if value is not None:
-            clauses.append(f"{column} {op} ?")
-            params.append(value)
-    where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
-    sql = f"SELECT {', '.join(FIELDS)} FROM audit{where} ORDER BY time DESC LIMIT ?"
     try:
         conn = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True, timeout=10.0)
         try:
-            rows = conn.execute(sql, [*params, limit]).fetchall()
+            # Read-only, so nothing migrates here: a database written before a field existed
+            # reads NULL in it (and matches no filter on it).
+            present = set(_columns(conn))
+            clauses: list[str] = []
+            params: list[Any] = []
+            for column, value, op in (
+                ("request_id", flt.request_id, "="),
+                ("time", flt.since, ">="),
+                ("service", flt.service, "="),
+                ("model", flt.model, "="),
+                ("status", flt.status, "="),
+                ("principal", flt.principal, "="),
+            ):
+                if value is not None:
+                    clauses.append(f"{column if column in present else 'NULL'} {op} ?")
+                    params.append(value)
+            where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
+            select = ", ".join(name if name in present else "NULL" for name in FIELDS)
+            rows = conn.execute(
+                f"SELECT {select} FROM audit{where} ORDER BY time DESC LIMIT ?", [*params, limit]
+            ).fetchall()
         finally:
             conn.close()
     except sqlite3.OperationalError as exc:
@@ -323,6 +358,7 @@ def _query_parquet(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
         ("service", flt.service),
         ("model", flt.model),
         ("status", flt.status),
+        ("principal", flt.principal),
     ):
         if value is not None:
             term = ds.field(column) == value

@@ -4,7 +4,8 @@ A policy file (`services.yaml` beside the repository, or `serve --services FILE`
 names to weighted routes, A/B match rules, a sticky key, a shadow, resilience settings and a
 fallback. It stays plain data so that a controller (a rollout, a person, GitOps) can change
 weights by writing the file; `parse_policy` checks everything that can be checked without the
-models, `check_references` the rest once the models are known.
+models, `check_references` the rest once the models are known. The same file holds the redaction
+rules of the audit trail's sampled payloads (`audit:` per service and at the top level).
 """
 
 from __future__ import annotations
@@ -13,9 +14,16 @@ from collections.abc import Callable, Mapping
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferplane.errors import BadRequest
+from inferplane.observability.redaction import (
+    Action,
+    AuditRules,
+    RedactRule,
+    parse_action,
+    parse_field,
+)
 
 Retryable = Literal["unavailable", "overloaded", "deadline", "internal"]
 _DEFAULT_RETRY_ON: tuple[Retryable, ...] = ("unavailable", "internal")
@@ -131,6 +139,62 @@ class Cache(_Strict):
     ttl_s: float = Field(default=300, gt=0)
 
 
+class Redact(_Strict):
+    """One redaction rule for sampled audit payloads: `field` is an input tensor (`email`) or
+    one column of its last axis (`features[3]`), `action` hash or drop (docs/audit.md)."""
+
+    field: str
+    action: Action
+
+    @field_validator("field")
+    @classmethod
+    def _field_syntax(cls, value: str) -> str:
+        parse_field(value)
+        return value
+
+    @field_validator("action", mode="before")
+    @classmethod
+    def _known_action(cls, value: object) -> object:
+        return parse_action(value)  # the message names the choices, pydantic's only the type
+
+    def rule(self) -> RedactRule:
+        tensor, column = parse_field(self.field)
+        return RedactRule(tensor, column, self.action)
+
+
+class DefaultRedact(Redact):
+    """A top-level rule: for targets (fnmatch pattern on the name called or the model that
+    answered) that have no rules of their own."""
+
+    target: str = Field(min_length=1)
+
+
+def _no_repeats(keys: list[str], what: str) -> None:
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"more than one rule for the {what}: {', '.join(dupes)}")
+
+
+class ServiceAudit(_Strict):
+    """A service's own audit rules; they replace the top-level defaults for it."""
+
+    redact: list[Redact] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_rule_per_field(self) -> ServiceAudit:
+        _no_repeats([r.field for r in self.redact], "field(s)")
+        return self
+
+
+class AuditDefaults(_Strict):
+    redact: list[DefaultRedact] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_rule_per_field(self) -> AuditDefaults:
+        _no_repeats([f"{r.target} {r.field}" for r in self.redact], "target and field")
+        return self
+
+
 class Service(_Strict):
     routes: list[Route] = Field(min_length=1)
     match: list[Match] = Field(default_factory=list)
@@ -141,6 +205,7 @@ class Service(_Strict):
     breaker: Breaker | None = Field(default_factory=Breaker)
     fallback: Fallback | None = None
     cache: Cache | None = None
+    audit: ServiceAudit | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> Service:
@@ -170,6 +235,7 @@ class Service(_Strict):
 
 class Policy(_Strict):
     services: dict[str, Service] = Field(default_factory=dict)
+    audit: AuditDefaults = Field(default_factory=AuditDefaults)
 
     @model_validator(mode="after")
     def _no_fallback_cycles(self) -> Policy:
@@ -188,6 +254,15 @@ class Policy(_Strict):
                 chain.append(nxt)
                 current = self.services[nxt]
         return self
+
+    def audit_rules(self) -> AuditRules:
+        """The redaction rules compiled for the audit trail (call once per policy)."""
+        own = {
+            name: [r.rule() for r in s.audit.redact]
+            for name, s in self.services.items()
+            if s.audit is not None
+        }
+        return AuditRules(own, [(r.target, r.rule()) for r in self.audit.redact])
 
     def targets(self) -> list[tuple[str, Target]]:
         """(where, target) for every model version the policy refers to."""
