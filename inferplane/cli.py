@@ -184,6 +184,8 @@ def serve(
 
     if http_server not in ("granian", "uvicorn"):
         raise typer.BadParameter("use granian or uvicorn", param_hint="--http-server")
+    if pickles not in ("warn", "allow", "refuse"):
+        raise typer.BadParameter("use warn, allow or refuse", param_hint="--pickles")
     repo = _repo(repository)
     if not repo.exists():
         raise typer.BadParameter(

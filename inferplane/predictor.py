@@ -214,6 +214,7 @@ def build_in_process(
     audit_sink: str | None = None,
     audit_payload_sample: float = 0.0,
     strict_readiness: bool = False,
+    pickles: str = "warn",
 ) -> tuple[InProcessPredictor, PolicySource]:
     """The server's and the commands' in-process stack: a manager over `repository` (models not
     loaded yet), its predictor with the audit trail (keeping the redacted payload of a share
@@ -225,7 +226,11 @@ def build_in_process(
         )
     metrics = Metrics()
     manager = ModelManager(
-        Repository(repository), metrics, list(models) or None, strict_readiness=strict_readiness
+        Repository(repository),
+        metrics,
+        list(models) or None,
+        strict_readiness=strict_readiness,
+        pickles=pickles,  # warn | allow | refuse: see runtimes.base.check_pickles
     )
     audit = None
     if audit_sink:

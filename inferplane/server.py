@@ -65,6 +65,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         audit_sink=settings.audit_sink,
         audit_payload_sample=settings.audit_payload_sample,
         strict_readiness=settings.strict_readiness,
+        pickles=settings.pickles,
     )
     manager = predictor.manager
     manager.metrics.inflight.set_function(lambda: manager.inflight)

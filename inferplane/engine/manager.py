@@ -1,8 +1,9 @@
 """The model manager: which versions are loaded, their state, and running them off the event loop.
 
-Loading a version = fetch artifact -> verify sha256 -> runtime.load -> warm-up -> READY. A version
-that fails any step is UNAVAILABLE with the reason, and every other model keeps serving. Model code
-runs in each version's Scheduler (its instance threads, with batching), never on the event loop.
+Loading a version = fetch artifact -> verify sha256 -> the --pickles policy -> runtime.load ->
+warm-up -> READY. A version that fails any step is UNAVAILABLE with the reason, and every other
+model keeps serving. Model code runs in each version's Scheduler (its instance threads, with
+batching), never on the event loop.
 """
 
 from __future__ import annotations
@@ -28,9 +29,10 @@ from inferplane.errors import (
     Unavailable,
 )
 from inferplane.observability.metrics import Metrics, VersionMetrics
-from inferplane.repository.schema import ModelConfig
+from inferplane.repository.schema import ModelConfig, check_model_name
 from inferplane.repository.store import Repository, verify
 from inferplane.runtimes import Runtime, create_runtime
+from inferplane.runtimes.base import PICKLE_POLICIES, check_pickles
 
 log = logging.getLogger("inferplane.engine")
 
@@ -80,7 +82,11 @@ class ModelManager:
         metrics: Metrics,
         models: Sequence[str] | None = None,
         strict_readiness: bool = False,
+        pickles: str = "warn",
     ) -> None:
+        if pickles not in PICKLE_POLICIES:
+            raise ValueError(f"pickles is one of {', '.join(PICKLE_POLICIES)}, not {pickles!r}")
+        self.pickles = pickles  # what loading a pickled artifact does (runtimes.base.check_pickles)
         self.repository = repository
         self.metrics = metrics
         self.selected = list(models) if models else None
@@ -187,6 +193,7 @@ class ModelManager:
             local_dir = self.repository.fetch(config)
         verify(config, local_dir)
         runtime = create_runtime(config, local_dir)
+        check_pickles(runtime, self.pickles)  # here, once: worker processes load it again
         if uses_processes(config, runtime):
             runtime = ProcessRuntime(runtime)
         runtime.load()
@@ -198,6 +205,7 @@ class ModelManager:
         return runtime, on_loop
 
     async def unload_model(self, name: str) -> None:
+        check_model_name(name)  # the same 400 as load for a name that no repository can hold
         async with self._lock:
             entry = self.models.get(name)
             if entry is None or entry.unloaded:

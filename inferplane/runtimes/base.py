@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -14,6 +15,11 @@ import numpy as np
 from inferplane.errors import RepositoryError
 from inferplane.repository.schema import ModelConfig
 from inferplane.tensors import BYTES, DATATYPE_TO_DTYPE, TensorSpec
+
+log = logging.getLogger("inferplane.engine")
+# What `inferplane serve --pickles` may say about artifacts that are unpickled when loaded.
+PICKLE_POLICIES = ("warn", "allow", "refuse")
+SECURITY_DOCS = "docs/security.md"
 
 
 @dataclass(slots=True)
@@ -56,6 +62,11 @@ class Runtime(ABC):
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]: ...
+
+    def pickled_files(self) -> list[str]:
+        """The files (relative to the version folder) that `load` unpickles. Unpickling runs
+        whatever code the file carries, so these fall under `--pickles` (see check_pickles)."""
+        return []
 
     def use_one_thread(self) -> None:  # noqa: B027 - optional hook
         """Compute on the calling thread only (no intra-op pool). Executions on the event loop
@@ -131,3 +142,39 @@ def check_outputs(config: ModelConfig, available: Sequence[str], what: str) -> N
             f"model '{config.name}' declares output {', '.join(unknown)}, but a {what} model "
             f"only gives {', '.join(available)}"
         )
+
+
+def check_pickles(runtime: Runtime, policy: str) -> None:
+    """Apply the server's `--pickles` policy to a runtime about to load: `allow` says nothing,
+    `warn` logs one warning naming each pickled file and its sha256 pin, `refuse` raises
+    RepositoryError (the version is then unavailable with that reason; other models serve).
+
+    Called once per version in the server process, before any worker process loads it."""
+    files = runtime.pickled_files()
+    if not files or policy == "allow":
+        return
+    config = runtime.config
+    named = ", ".join(repr(f) for f in files)
+    if policy == "refuse":
+        raise RepositoryError(
+            f"refused to load pickled artifact {named}: the server runs with --pickles refuse, "
+            "and unpickling runs any code the file carries. Register a format that holds no "
+            "code (ONNX: models register --optimize), or serve it with --pickles warn if you "
+            f"trust the file; see {SECURITY_DOCS}"
+        )
+    pins = "; ".join(
+        f"{f}: sha256 {config.sha256[f][:12]}... pinned in model.yaml, verified before loading"
+        if f in config.sha256
+        else f"{f}: no sha256 pin in model.yaml"
+        for f in files
+    )
+    log.warning(
+        "model %s version %s loads pickled artifact %s (%s): unpickling runs any code the file "
+        "carries, so serve only artifacts you trust; see %s (--pickles allow silences this, "
+        "--pickles refuse blocks pickled artifacts)",
+        config.name,
+        config.version,
+        named,
+        pins,
+        SECURITY_DOCS,
+    )

@@ -52,6 +52,9 @@ class SklearnRuntime(Runtime):
             self._methods[out.name] = method
         self._inputs = [(i.name, i.datatype == BYTES) for i in self.config.inputs]
 
+    def pickled_files(self) -> list[str]:
+        return [self.config.artifact]  # joblib files are pickles, whatever their suffix
+
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:

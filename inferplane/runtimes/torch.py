@@ -112,6 +112,12 @@ class TorchRuntime(Runtime):
         self._inputs = [i.name for i in self.config.inputs]
         self._outputs = [o.name for o in self.config.outputs]
 
+    def pickled_files(self) -> list[str]:
+        # torch.export.load reads a .pt2's weights and constants with torch.load(weights_only=
+        # False) (torch 2.13, pt2_archive/_package.py), which unpickles; TorchScript archives go
+        # through torch's own restricted unpickler and are left out.
+        return [self.config.artifact] if self.artifact_path.endswith(EXPORT_SUFFIX) else []
+
     def predict(
         self, inputs: dict[str, np.ndarray], outputs: Sequence[str] | None = None
     ) -> dict[str, np.ndarray]:
