@@ -12,7 +12,7 @@ from starlette.routing import Route
 from inferplane.edge.access import ADMIN
 from inferplane.errors import InferplaneError
 from inferplane.protocols.deps import ServingDeps
-from inferplane.protocols.v2_rest import gated, json_response
+from inferplane.protocols.v2_rest import EVERY_TARGET, gated, json_response
 from inferplane.routing.policy import Target
 
 
@@ -53,4 +53,8 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         return json_response({"source": source, "services": out})
 
     # The policy in force is an operator's view (weights, breakers): admin, like changing it.
-    return [Route("/inferplane/services", gated(deps, ADMIN, None, list_services), methods=["GET"])]
+    return [
+        Route(
+            "/inferplane/services", gated(deps, ADMIN, EVERY_TARGET, list_services), methods=["GET"]
+        )
+    ]

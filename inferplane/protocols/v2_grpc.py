@@ -33,6 +33,10 @@ from google.protobuf import json_format
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 
+from inferplane.edge.access import ADMIN, INFER, READ
+from inferplane.edge.identity import Principal
+from inferplane.edge.quotas import NO_LEASE
+from inferplane.engine.scheduler import batch_rows
 from inferplane.errors import BadRequest, DeadlineExceeded, InferplaneError
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import Prediction, RequestContext
@@ -40,6 +44,7 @@ from inferplane.protocols import grpc_transport, model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.grpc_gen import grpc_predict_v2_pb2 as pb
 from inferplane.protocols.v2_codec import (
+    API_KEY_HEADER,
     ROUTE_PARAMETER,
     TENANT_HEADER,
     request_deadline,
@@ -49,6 +54,7 @@ from inferplane.tensors import BYTES, check_shape, datatype_of, dtype_of, from_r
 
 log = logging.getLogger("inferplane.grpc")
 TENANT = TENANT_HEADER.decode()
+API_KEY = API_KEY_HEADER.decode()
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 # Requests of one ModelStreamInfer call that may run at once; past that we stop reading the
@@ -207,6 +213,31 @@ class InferenceServicer:
         self.predictor = deps.predictor
         self.metrics = deps.metrics
 
+    # the edge --------------------------------------------------------------------------------
+    async def _check(
+        self, context: Any, scope: str, target: str | None, headers: dict[str, str] | None = None
+    ) -> Principal | None:
+        """The caller, once the edge let them `scope` on `target` (None when the edge is off)."""
+        edge = self.deps.edge
+        if edge is None:
+            return None
+        if headers is None:
+            headers = _metadata(context)
+        return await edge.check(
+            scope,
+            target or None,
+            headers.get("authorization"),
+            headers.get(API_KEY),
+            getattr(context, "peer_cert", None),
+        )
+
+    async def _visible(self, context: Any, scope: str, target: str | None) -> Callable[[str], bool]:
+        """Which models a listing shows the caller, once they may `scope` at all."""
+        principal = await self._check(context, scope, target)
+        if principal is None or self.deps.edge is None:
+            return lambda name: True
+        return self.deps.edge.filter(principal, scope)
+
     # health and metadata -----------------------------------------------------------------------
     @guarded
     async def ServerLive(
@@ -231,6 +262,7 @@ class InferenceServicer:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: Any
     ) -> pb.ServerMetadataResponse:
+        await self._check(context, READ, None)
         return pb.ServerMetadataResponse(
             name=self.deps.server_name, version=self.deps.server_version, extensions=EXTENSIONS
         )
@@ -239,6 +271,7 @@ class InferenceServicer:
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: Any
     ) -> pb.ModelMetadataResponse:
+        await self._check(context, READ, request.name)
         lv, _ = self.predictor.router.lookup(request.name, request.version or None)
         doc = model_views.model_metadata(self.manager.entry(lv.name), lv)
         return _parse(doc, pb.ModelMetadataResponse())
@@ -247,6 +280,7 @@ class InferenceServicer:
     async def ModelConfig(
         self, request: pb.ModelConfigRequest, context: Any
     ) -> pb.ModelConfigResponse:
+        await self._check(context, READ, request.name)
         lv, _ = self.predictor.router.lookup(request.name, request.version or None)
         config = _parse(model_views.model_config(lv.config, lv.platform), pb.ModelConfig())
         return pb.ModelConfigResponse(config=config)
@@ -258,18 +292,27 @@ class InferenceServicer:
         name = request.model_name
         label_model, label_version, status = UNKNOWN, "", 500
         self.manager.inflight += 1
+        lease = NO_LEASE
         try:
+            headers = _metadata(context)
+            tenant, principal = headers.get(TENANT), None
+            edge = self.deps.edge
+            if edge is not None:
+                who = await self._check(context, INFER, name, headers)
+                assert who is not None
+                tenant, principal = edge.tenant(who, tenant), who.name
+                lease = edge.admit(who, name)
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded("the request's deadline passed before the model ran")
             inputs = decode_inputs(request)
+            lease.charge_rows(batch_rows(inputs))
             params = {k: getattr(v, v.WhichOneof("parameter_choice") or "bool_param")
                       for k, v in request.parameters.items()}  # fmt: skip
             deadline = request_deadline(params, None)
             if remaining is not None:
                 grpc_deadline = time.monotonic() + remaining
                 deadline = grpc_deadline if deadline is None else min(deadline, grpc_deadline)
-            headers = _metadata(context)
             prediction = await self.predictor.predict(
                 name,
                 inputs,
@@ -277,7 +320,8 @@ class InferenceServicer:
                 outputs=[o.name for o in request.outputs] or None,
                 context=RequestContext(
                     request_id=request.id or str(uuid.uuid4()),
-                    tenant=headers.get(TENANT),
+                    tenant=tenant,
+                    principal=principal,
                     deadline=deadline,
                     headers=headers,
                     traceparent=headers.get("traceparent"),
@@ -299,6 +343,7 @@ class InferenceServicer:
             raise
         finally:
             self.manager.inflight -= 1
+            lease.release()
             self.metrics.requests.labels(label_model, label_version, "grpc", str(status)).inc()
             if status == 200:
                 self.metrics.request_latency.labels(label_model, label_version, "grpc").observe(
@@ -361,14 +406,18 @@ class InferenceServicer:
     async def ModelStatistics(
         self, request: pb.ModelStatisticsRequest, context: Any
     ) -> pb.ModelStatisticsResponse:
+        shown = await self._visible(context, READ, request.name or None)
         rows = model_views.statistics(self.manager, request.name or None, request.version or None)
+        rows = [r for r in rows if shown(r["name"])]
         return _parse({"model_stats": rows}, pb.ModelStatisticsResponse())
 
     @guarded
     async def RepositoryIndex(
         self, request: pb.RepositoryIndexRequest, context: Any
     ) -> pb.RepositoryIndexResponse:
-        rows = await model_views.list_repository(self.manager, request.ready)
+        shown = await self._visible(context, READ, None)
+        rows = [r for r in await model_views.list_repository(self.manager, request.ready)
+                if shown(r["name"])]  # fmt: skip
         return _parse({"models": rows}, pb.RepositoryIndexResponse())
 
     @guarded
@@ -377,6 +426,7 @@ class InferenceServicer:
     ) -> pb.RepositoryModelLoadResponse:
         # Like REST, load parameters (Triton's config override, files) are not supported and
         # are ignored: a model is always (re)loaded from its model.yaml.
+        await self._check(context, ADMIN, request.model_name)
         await model_views.load_model(self.manager, _model_name(request.model_name))
         return pb.RepositoryModelLoadResponse()
 
@@ -384,6 +434,7 @@ class InferenceServicer:
     async def RepositoryModelUnload(
         self, request: pb.RepositoryModelUnloadRequest, context: Any
     ) -> pb.RepositoryModelUnloadResponse:
+        await self._check(context, ADMIN, request.model_name)
         await self.manager.unload_model(_model_name(request.model_name))
         return pb.RepositoryModelUnloadResponse()
 

@@ -38,6 +38,7 @@ def error_response(exc: InferplaneError) -> Response:
 Handler = Callable[[Request], Awaitable[Response]]
 PRINCIPAL = "inferplane.principal"  # the ASGI scope key the edge leaves its principal under
 PEER_CERT = "inferplane.peer_cert"  # ... and the HTTP protocol the TLS client certificate
+EVERY_TARGET = "*"  # the target of endpoints that show every model: needs a grant on "*"
 
 
 async def require(
@@ -62,13 +63,17 @@ async def require(
 def gated(
     deps: ServingDeps, scope: str | None, target_param: str | None, handler: Handler
 ) -> Handler:
-    """`handler` behind the edge: `scope` on the path parameter `target_param` (None: a
-    server-level endpoint, allowed with the scope on any target); scope None stays open."""
+    """`handler` behind the edge: `scope` on the path parameter `target_param`; None: a
+    server-level endpoint, allowed with the scope on any target; EVERY_TARGET: one that shows
+    every model, allowed with the scope on all of them. Scope None stays open."""
     if deps.edge is None or scope is None:
         return guarded(handler)
 
     async def checked(request: Request) -> Response:
-        target = request.path_params.get(target_param) if target_param else None
+        if target_param == EVERY_TARGET:
+            target: str | None = EVERY_TARGET
+        else:
+            target = request.path_params.get(target_param) if target_param else None
         await require(deps, request, scope, target)
         return await handler(request)
 
@@ -197,7 +202,7 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         ("/v2/repository/index", repo_index, ["POST"], READ, None),
         ("/v2/repository/models/{model}/load", repo_load, ["POST"], ADMIN, "model"),
         ("/v2/repository/models/{model}/unload", repo_unload, ["POST"], ADMIN, "model"),
-        ("/metrics", prometheus, ["GET"], metrics_scope, None),
+        ("/metrics", prometheus, ["GET"], metrics_scope, EVERY_TARGET),
     ]
     return [
         Route(path, gated(deps, scope, target, h), methods=methods)
