@@ -111,9 +111,10 @@ class Redactor:
     (drop over hash) where two rules cover the same values."""
 
     def __init__(self, rules: Iterable[RedactRule] = (), salt: bytes | None = None) -> None:
+        self.rules = tuple(rules)
         whole: dict[str, Action] = {}
         columns: dict[str, dict[int, Action]] = {}
-        for rule in rules:
+        for rule in self.rules:
             if rule.column is None:
                 whole[rule.tensor] = _stricter(whole.get(rule.tensor), rule.action)
             else:

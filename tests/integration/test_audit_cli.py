@@ -16,7 +16,9 @@ from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
 
 RECORDS = [  # times: seconds before the file is written (see `stamped`)
     AuditRecord("req-old", 7200, "reco", "tabular", "1", "production", 1.1, 200),
-    AuditRecord("req-canary", 120, "reco", "tabular", "2", "canary", 2.25, 200, "acme"),
+    AuditRecord(
+        "req-canary", 120, "reco", "tabular", "2", "canary", 2.25, 200, "acme", principal="key:ci"
+    ),
     AuditRecord("req-fraud", 60, "fraud", "forest", "3", "direct", 0.5, 200),
     AuditRecord("req-503", 5, "reco", "", "", "fallback", 9.0, 503, error="model overloaded"),
 ]
@@ -90,13 +92,15 @@ def test_request_id_as_json(audit_db: AuditFile) -> None:
     out = ok(audit("--db", str(audit_db), "--request-id", "req-canary", "--json"))
     [line] = out.splitlines()
     doc = json.loads(line)
-    assert {k: doc[k] for k in ("service", "model", "version", "route", "status", "tenant")} == {
+    keys = ("service", "model", "version", "route", "status", "tenant", "principal")
+    assert {k: doc[k] for k in keys} == {
         "service": "reco",
         "model": "tabular",
         "version": "2",
         "route": "canary",
         "status": 200,
         "tenant": "acme",
+        "principal": "key:ci",
     }
     assert doc["time"] == pytest.approx(audit_db.now - 120)
     assert doc["time_iso"].endswith("Z")
@@ -106,7 +110,10 @@ def test_since_and_service_as_a_table(audit_db: AuditFile) -> None:
     out = ok(audit("--db", str(audit_db), "--since", "10m", "--service", "reco"))
     rows = table_rows(out)
     assert set(rows) == {"req-canary", "req-503"}
-    time_iso, _, tenant, service, model, version, route, latency, status, error = rows["req-canary"]
+    time_iso, _, principal, tenant, service, model, version, route, latency, status, error = rows[
+        "req-canary"
+    ]
+    assert principal == "key:ci" and rows["req-503"][2] == "-"
     assert time_iso.startswith(time.strftime("%Y-%m-%d", time.gmtime(audit_db.now - 120)))
     assert time_iso.endswith("Z")
     assert (tenant, service, model, version, route, latency, status) == (
@@ -136,6 +143,16 @@ def test_filters_and_limit(audit_db: AuditFile) -> None:
     nothing = audit("--db", db, "--request-id", "nope")
     assert ok(nothing) == ""
     assert "no audit records match" in nothing.stderr
+
+
+def test_principal_filter_and_column(audit_db: AuditFile) -> None:
+    db = str(audit_db)
+    assert json_ids(ok(audit("--db", db, "--json", "--principal", "key:ci"))) == ["req-canary"]
+    assert json_ids(ok(audit("--db", db, "--json", "--principal", "key:other"))) == []
+    # Records without a principal (a server without authentication) get no principal column.
+    out = ok(audit("--db", db, "--service", "fraud"))
+    assert "principal" not in out
+    assert table_rows(out)["req-fraud"][2:4] == ["-", "fraud"]
 
 
 def test_jsonl_sink(tmp_path: Path) -> None:

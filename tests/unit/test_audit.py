@@ -317,7 +317,16 @@ def test_query_filters(tmp_path: Path, spec_template: str) -> None:
     now = time.time()
     with AuditLog(open_sink(spec)) as log:
         log.record(rec("old", time=now - 7200, version="1"))
-        log.record(rec("canary", time=now - 60, version="2", route="canary", tenant="acme"))
+        log.record(
+            rec(
+                "canary",
+                time=now - 60,
+                version="2",
+                route="canary",
+                tenant="acme",
+                principal="key:ci",
+            )
+        )
         log.record(rec("other", time=now - 30, service="fraud", model="forest"))
         log.record(
             rec("failed", time=now - 10, model="", version="", status=503, error="overloaded")
@@ -334,6 +343,8 @@ def test_query_filters(tmp_path: Path, spec_template: str) -> None:
     assert ids(model="forest") == ["other"]
     assert ids(status=503) == ["failed"]
     assert ids(request_id="nope") == []
+    assert ids(principal="key:ci") == ["canary"]
+    assert ids(principal="key:ci", service="fraud") == []
     [found] = query(spec, request_id="canary")
     assert found == AuditRecord(
         request_id="canary",
@@ -345,9 +356,104 @@ def test_query_filters(tmp_path: Path, spec_template: str) -> None:
         latency_ms=1.5,
         status=200,
         tenant="acme",
+        principal="key:ci",
     )
     [newest] = query(spec, request_id="new")
+    assert newest.principal is None
     assert (newest.pattern, newest.payload_hash, newest.payload) == ("batch", "ab12", "{}")
+
+
+# The table as inferplane created it before records had a principal.
+OLD_SCHEMA = (
+    "CREATE TABLE audit (request_id TEXT, time REAL, service TEXT, model TEXT, version TEXT, "
+    "route TEXT, latency_ms REAL, status INTEGER, tenant TEXT, error TEXT, pattern TEXT, "
+    "payload_hash TEXT, payload TEXT)"
+)
+
+
+def _old_database(path: Path, now: float) -> None:
+    with sqlite3.connect(path) as conn:
+        conn.execute(OLD_SCHEMA)
+        conn.execute("CREATE INDEX audit_time ON audit (time)")
+        conn.execute(
+            "INSERT INTO audit VALUES ('before', ?, 'reco', 'tabular', '1', 'direct', 1.0, 200, "
+            "'acme', NULL, 'online', NULL, NULL)",
+            [now - 10],
+        )
+    conn.close()
+
+
+def test_an_old_database_without_the_principal_column_keeps_working(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    now = time.time()
+    _old_database(db, now)
+    # Read before any writer migrated it (read-only): the missing field reads None.
+    [before] = query(str(db))
+    assert (before.request_id, before.tenant, before.principal) == ("before", "acme", None)
+    assert query(str(db), principal="key:ci") == []
+
+    with AuditLog(open_sink(str(db))) as log:  # opening it adds the column
+        log.record(rec("after", time=now, principal="key:ci"))
+    with sqlite3.connect(db) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(audit)")]
+        assert columns[-1] == "principal" and columns.count("principal") == 1
+        assert conn.execute("SELECT count(*) FROM audit").fetchone() == (2,)
+    conn.close()
+    assert [(r.request_id, r.principal) for r in query(str(db))] == [
+        ("before", None),
+        ("after", "key:ci"),
+    ]
+    assert [r.request_id for r in query(str(db), principal="key:ci")] == ["after"]
+    # Opening it again (another replica, a restart) finds nothing left to add.
+    SQLiteSink(db).close()
+    SQLiteSink(db).close()
+
+
+def test_replicas_opening_one_old_database_at_once_migrate_it_once(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    _old_database(db, time.time())
+    errors: list[BaseException] = []
+    start = threading.Barrier(6)
+
+    def open_it() -> None:
+        try:
+            start.wait()
+            SQLiteSink(db).close()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_it) for _ in range(6)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
+    with sqlite3.connect(db) as conn:
+        columns = [row[1] for row in conn.execute("PRAGMA table_info(audit)")]
+    conn.close()
+    assert columns.count("principal") == 1
+
+
+def test_old_jsonl_lines_and_parquet_files_read_without_a_principal(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    now = time.time()
+    old_row = {"request_id": "before", "time": now - 5, "service": "reco", "model": "tabular",
+               "version": "1", "route": "direct", "latency_ms": 1.0, "status": 200}  # fmt: skip
+    lines = tmp_path / "audit.jsonl"
+    lines.write_bytes(json.dumps(old_row).encode() + b"\n")
+    folder = tmp_path / "pq"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([old_row]), folder / "audit-old.parquet")
+    for spec in (f"jsonl:{lines}", f"parquet:{folder}"):
+        with AuditLog(open_sink(spec)) as log:
+            log.record(rec("after", time=now, principal="key:ci"))
+        assert [(r.request_id, r.principal) for r in query(spec)] == [
+            ("before", None),
+            ("after", "key:ci"),
+        ], spec
+        assert [r.request_id for r in query(spec, principal="key:ci")] == ["after"], spec
 
 
 def test_query_errors(tmp_path: Path) -> None:
