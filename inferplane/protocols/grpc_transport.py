@@ -14,8 +14,18 @@ What the gRPC wire protocol needs and this provides: length-prefixed messages (r
 with gzip or deflate are accepted; answers go uncompressed), `grpc-timeout` deadlines, status in
 trailers (trailers-only for an error before any message), flow control both ways, unary,
 server-streaming and bidirectional methods, cancellation by RST_STREAM, PING, SETTINGS, and a
-graceful GOAWAY on shutdown. Not provided: TLS (terminate it in front, as with the REST port),
-server push and stream priorities, which gRPC does not use.
+graceful GOAWAY on shutdown. TLS when `start` gets an `ssl.SSLContext` (the caller sets its
+certificates, ALPN "h2" and client-certificate checks; a verified client certificate reaches every
+call as `CallContext.peer_cert`). Not provided: server push and stream priorities, which gRPC does
+not use.
+
+A hostile client meets the guards well-kept HTTP/2 servers have (`GrpcLimits`; docs/serving.md,
+"gRPC port limits"): a stream limit that also counts handlers of reset streams until they end
+(grpc-go's answer to rapid reset, CVE-2023-44487), a bounded header block and CONTINUATION count
+(CVE-2024-27316 class), rates of resets and control frames, a bound on control answers the peer
+does not read, preface and idle timeouts and a connection limit. Rates are counted per connection
+in windows that one sweep per server closes every second, so that a call costs a few integer
+increments and no timer.
 
 The servicer classes are plain objects: `methods_of` routes each RPC of a generated service
 descriptor to the servicer's method of that name, which gets a `CallContext` with the part of
@@ -28,8 +38,10 @@ import asyncio
 import logging
 import time
 import zlib
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from ssl import SSLContext, SSLObject
 from typing import Any, NoReturn
 from urllib.parse import quote
 
@@ -48,16 +60,17 @@ _PING, _GOAWAY, _WINDOW_UPDATE, _CONTINUATION = 6, 7, 8, 9
 _END_STREAM = _ACK = 0x1
 _END_HEADERS, _PADDED, _PRIORITY_FLAG = 0x4, 0x8, 0x20
 # settings and error codes
-_S_INITIAL_WINDOW, _S_MAX_FRAME, _S_MAX_HEADER_LIST = 4, 5, 6
+_S_MAX_CONCURRENT, _S_INITIAL_WINDOW, _S_MAX_FRAME, _S_MAX_HEADER_LIST = 3, 4, 5, 6
 _NO_ERROR, _PROTOCOL_ERROR, _FLOW_CONTROL_ERROR = 0, 1, 3
-_FRAME_SIZE_ERROR, _REFUSED_STREAM, _COMPRESSION_ERROR = 6, 7, 9
+_FRAME_SIZE_ERROR, _REFUSED_STREAM, _COMPRESSION_ERROR, _ENHANCE_YOUR_CALM = 6, 7, 9, 11
 
 _DEFAULT_WINDOW = 65_535
 _MAX_FRAME = 16_384  # what we accept (the protocol default; we do not raise it)
 # Receive window per stream and for the connection: big enough that a client sends a large tensor
 # without waiting for window updates on loopback or a LAN. Returned once half is consumed.
 _WINDOW = 16 * 1024 * 1024
-_MAX_HEADER_LIST = 64 * 1024
+_MAX_WINDOW = 0x7FFF_FFFF
+_SWEEP_INTERVAL = 1.0  # seconds: the rate windows and the resolution of the timeouts
 _MAX_STATUS_MESSAGE = 4096  # keeps every trailer block inside one frame
 _TIMEOUT_UNITS = {b"H": 3600.0, b"M": 60.0, b"S": 1.0, b"m": 1e-3, b"u": 1e-6, b"n": 1e-9}
 _PERCENT_SAFE = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
@@ -115,6 +128,44 @@ def _frame(kind: int, flags: int, stream_id: int, payload: bytes = b"") -> bytes
 
 
 @dataclass(slots=True, frozen=True)
+class GrpcLimits:
+    """What one client may cost the gRPC port. A connection past a limit gets GOAWAY
+    ENHANCE_YOUR_CALM and is closed (a stream past `max_concurrent_streams` only RST_STREAM
+    REFUSED_STREAM, which gRPC clients retry); rates are per connection and second."""
+
+    # advertised as SETTINGS_MAX_CONCURRENT_STREAMS; nginx's default (grpc-go and Kestrel: 100)
+    max_concurrent_streams: int = 128
+    # refusals a client that ignores the setting gets before GOAWAY; nginx allows
+    # max(max_concurrent_streams, 100)
+    max_refused_streams_per_second: int = 128
+    # advertised as SETTINGS_MAX_HEADER_LIST_SIZE and also the cap on the compressed block (a
+    # literal never encodes larger than the 32 bytes per entry the decoded size counts)
+    max_header_bytes: int = 64 * 1024
+    # per header block; nghttp2's default (64 KiB needs 4 frames of 16 KiB)
+    max_continuation_frames: int = 8
+    # streams the client resets before we answered; netty and grpc-java allow 200 per 30 s, but
+    # here reset handlers also hold their place under max_concurrent_streams until they end, so
+    # this only bounds the churn
+    max_resets_per_second: int = 200
+    # PING, SETTINGS, WINDOW_UPDATE, PRIORITY, RST_STREAM, empty DATA, unknown frames beyond an
+    # allowance of 2 per stream opened and per DATA frame sent (grpcio sends 2 WINDOW_UPDATEs per
+    # unary answer; Envoy scales its WINDOW_UPDATE limit the same way)
+    max_control_frames_per_second: int = 1000
+    # our answers (PING/SETTINGS ACK, REFUSED_STREAM) queued while the peer does not read;
+    # Envoy's max_outbound_control_frames and nghttp2's max_outbound_ack
+    max_queued_control_frames: int = 1000
+    preface_timeout: float = 10.0  # seconds to the client preface (and to the TLS handshake)
+    idle_timeout: float = 300.0  # seconds without a stream, then GOAWAY NO_ERROR; inf: never
+    max_connections: int = 4096  # per server; past it GOAWAY at once
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            if not getattr(self, field.name) > 0:
+                value = getattr(self, field.name)
+                raise ValueError(f"GrpcLimits.{field.name} must be positive, got {value}")
+
+
+@dataclass(slots=True, frozen=True)
 class Method:
     """One RPC: its handler (a servicer's bound method) and how messages flow."""
 
@@ -136,11 +187,18 @@ class AbortError(Exception):
 class CallContext:
     """What a servicer may ask of its call (the part of grpc.aio.ServicerContext in use)."""
 
-    __slots__ = ("_metadata", "deadline")
+    __slots__ = ("_metadata", "deadline", "peer_cert")
 
-    def __init__(self, metadata: list[tuple[str, str | bytes]], deadline: float | None) -> None:
+    def __init__(
+        self,
+        metadata: list[tuple[str, str | bytes]],
+        deadline: float | None,
+        peer_cert: dict[str, Any] | None = None,
+    ) -> None:
         self._metadata = metadata
         self.deadline = deadline  # time.monotonic()
+        # the connection's verified TLS client certificate as SSLObject.getpeercert() gives it
+        self.peer_cert = peer_cert
 
     def invocation_metadata(self) -> list[tuple[str, str | bytes]]:
         return self._metadata
@@ -178,29 +236,60 @@ class GrpcServer:
     """Serves `routes` on host:port until `stop`."""
 
     def __init__(
-        self, routes: dict[bytes, Method], max_message_bytes: int, busy_poll: BusyPoll | None = None
+        self,
+        routes: dict[bytes, Method],
+        max_message_bytes: int,
+        busy_poll: BusyPoll | None = None,
+        limits: GrpcLimits | None = None,
     ) -> None:
         self.routes = routes
         self.max_message = max_message_bytes
         self.busy_poll = busy_poll or BusyPoll(0)
+        self.limits = limits or GrpcLimits()
         self.connections: set[_Connection] = set()
+        # connections refused or closed by a guard, and streams refused, by reason
+        self.refusals: Counter[str] = Counter()
         self.stopping = False
         self._server: asyncio.Server | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
 
-    async def start(self, host: str, port: int) -> None:
+    async def start(self, host: str, port: int, ssl: SSLContext | None = None) -> None:
+        """Listen on host:port, speaking TLS when `ssl` is given (the caller configures it:
+        certificates, ALPN "h2", client-certificate verification)."""
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Connection(self), host, port, reuse_address=True, backlog=2048
+            lambda: _Connection(self),
+            host,
+            port,
+            reuse_address=True,
+            backlog=2048,
+            ssl=ssl,
+            ssl_handshake_timeout=self.limits.preface_timeout if ssl is not None else None,
         )
+        self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._sweep)
 
     @property
     def port(self) -> int:
         assert self._server is not None
         return int(self._server.sockets[0].getsockname()[1])
 
+    def _sweep(self) -> None:
+        """Once a second: close the rate windows and enforce the timeouts of every connection
+        (one timer per server, none per call)."""
+        now = time.monotonic()
+        try:
+            for conn in list(self.connections):
+                conn.tick(now)
+        finally:
+            if not self.stopping:
+                loop = asyncio.get_running_loop()
+                self._sweeper = loop.call_later(_SWEEP_INTERVAL, self._sweep)
+
     async def stop(self, grace: float | None = None) -> None:
         """Refuse new connections and calls (GOAWAY); calls in flight get `grace` seconds."""
         self.stopping = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
         if self._server is not None:
             self._server.close()
         for conn in list(self.connections):
@@ -252,24 +341,31 @@ class _Call:
 
 
 class _ConnectionError(Exception):
-    def __init__(self, code: int, reason: str) -> None:
+    """Ends the connection with GOAWAY `code`; `guard` names the limit it broke (a key of
+    `GrpcServer.refusals`), None for a protocol error."""
+
+    def __init__(self, code: int, reason: str, guard: str | None = None) -> None:
         super().__init__(reason)
         self.code = code
+        self.guard = guard
 
 
 class _Connection(asyncio.Protocol):
     def __init__(self, server: GrpcServer) -> None:
         self.server = server
+        self.limits = limits = server.limits
         self.calls: dict[int, _Call] = {}
         self.transport: asyncio.Transport | None = None
+        self.peer_cert: dict[str, Any] | None = None
         self.inbox = bytearray()
         self.outbox = bytearray()
         self.preface_seen = False
         self.last_stream_id = 0
         self.going_away = False
-        self.decoder = hpack.Decoder(max_header_list_size=_MAX_HEADER_LIST)
+        self.decoder = hpack.Decoder(max_header_list_size=limits.max_header_bytes)
         self.header_cache: dict[bytes, list[tuple[bytes, bytes]]] = {}
         self.headers_pending: tuple[int, int, bytearray] | None = None  # (stream, flags, block)
+        self.continuations = 0  # CONTINUATION frames of the pending header block
         self.peer_window = _DEFAULT_WINDOW  # the peer's initial stream window
         self.peer_max_frame = _MAX_FRAME
         self.send_window = _DEFAULT_WINDOW  # connection-level, what we may still send
@@ -277,16 +373,51 @@ class _Connection(asyncio.Protocol):
         self.window_waiters: list[asyncio.Future[None]] = []
         self.paused: asyncio.Future[None] | None = None
         self.flush_scheduled = False
+        # guards: counts in the current one-second window (zeroed by `tick`) ...
+        self.streams_opened = 0
+        self.data_frames_sent = 0
+        self.resets = 0
+        self.refused = 0
+        self.control = 0
+        self.control_allowed = limits.max_control_frames_per_second
+        # ... and state
+        self.reset_running = 0  # handlers of streams the client reset that have not ended yet
+        self.queued_answers = 0  # control answers queued since writing paused
+        self.refusal_logged = False
+        self.opened_at = time.monotonic()
+        self.idle_since = self.opened_at
+        self.idle_mark = 0  # last_stream_id when the connection was last seen busy
+        self.idle_goaway = False
 
     # transport callbacks ---------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's is not a subclass
-        self.server.connections.add(self)
+        server = self.server
+        tls: SSLObject | None = transport.get_extra_info("ssl_object")
+        if tls is not None:
+            alpn = tls.selected_alpn_protocol()
+            if alpn is not None and alpn != "h2":
+                log.debug("closing a gRPC connection that negotiated ALPN %r, not h2", alpn)
+                transport.close()
+                return
+            # asyncio finished the handshake before this callback: read the certificate once
+            self.peer_cert = tls.getpeercert() or None
         settings = b"".join(
             k.to_bytes(2, "big") + v.to_bytes(4, "big")
-            for k, v in ((_S_INITIAL_WINDOW, _WINDOW), (_S_MAX_HEADER_LIST, _MAX_HEADER_LIST))
+            for k, v in (
+                (_S_MAX_CONCURRENT, self.limits.max_concurrent_streams),
+                (_S_INITIAL_WINDOW, _WINDOW),
+                (_S_MAX_HEADER_LIST, self.limits.max_header_bytes),
+            )
         )
         self.outbox += _frame(_SETTINGS, 0, 0, settings)
+        if len(server.connections) >= self.limits.max_connections:
+            server.refusals["max_connections"] += 1
+            log.debug("refusing a gRPC connection: %d open", len(server.connections))
+            self._write_goaway(_ENHANCE_YOUR_CALM, "too many connections")
+            self.close()
+            return
+        server.connections.add(self)
         self.outbox += _frame(_WINDOW_UPDATE, 0, 0, (_WINDOW - _DEFAULT_WINDOW).to_bytes(4, "big"))
         self.flush()
 
@@ -305,6 +436,7 @@ class _Connection(asyncio.Protocol):
         if self.paused is not None and not self.paused.done():
             self.paused.set_result(None)
         self.paused = None
+        self.queued_answers = 0
 
     def data_received(self, data: bytes) -> None:
         inbox = self.inbox
@@ -332,14 +464,56 @@ class _Connection(asyncio.Protocol):
                 self._on_frame(kind, flags, sid, payload)
             del inbox[:start]
         except _ConnectionError as exc:
-            log.debug("closing a gRPC connection: %s", exc)
-            self.outbox += _frame(
-                _GOAWAY, 0, 0, self.last_stream_id.to_bytes(4, "big") + exc.code.to_bytes(4, "big")
-            )
-            self.flush()
-            self.close()
+            self._fail(exc)
             return
         self.flush()
+
+    def _fail(self, exc: _ConnectionError) -> None:
+        """GOAWAY with the error, then close (at once if the peer is not reading)."""
+        if exc.guard is None:
+            log.debug("closing a gRPC connection: %s", exc)
+        else:
+            self.server.refusals[exc.guard] += 1
+            peer = self.transport.get_extra_info("peername") if self.transport else None
+            log.info("closing the gRPC connection of %s: %s", peer, exc)
+        self.inbox.clear()
+        self._write_goaway(exc.code, str(exc))
+        if self.paused is not None and self.transport is not None:
+            self.transport.abort()  # what we queued would never leave
+        else:
+            self.close()
+
+    def _write_goaway(self, code: int, reason: str) -> None:
+        debug = reason.encode("ascii", "replace")[:256]
+        payload = self.last_stream_id.to_bytes(4, "big") + code.to_bytes(4, "big") + debug
+        self.outbox += _frame(_GOAWAY, 0, 0, payload)
+        self.flush()
+
+    def tick(self, now: float) -> None:
+        """The server's sweep, once a second: new rate windows, and the timeouts."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        self.streams_opened = self.data_frames_sent = self.resets = self.refused = 0
+        self.control = 0
+        self.control_allowed = self.limits.max_control_frames_per_second
+        if not self.preface_seen:
+            if now - self.opened_at > self.limits.preface_timeout:
+                self.server.refusals["preface_timeout"] += 1
+                log.debug("closing a gRPC connection: no client preface in time")
+                self.close()
+            return
+        busy = self.calls or self.reset_running
+        if self.idle_goaway:
+            if not busy:
+                self.close()  # a second after our GOAWAY (streams opened since were refused)
+        elif busy or self.last_stream_id != self.idle_mark:
+            self.idle_mark = self.last_stream_id
+            self.idle_since = now
+        elif now - self.idle_since > self.limits.idle_timeout:
+            self.server.refusals["idle_timeout"] += 1
+            log.debug("closing an idle gRPC connection")
+            self.go_away()
+            self.idle_goaway = True
 
     def flush_soon(self) -> None:
         """Write at the end of this loop iteration: calls finishing together (one batch of the
@@ -362,43 +536,116 @@ class _Connection(asyncio.Protocol):
     def go_away(self) -> None:
         if not self.going_away:
             self.going_away = True
-            payload = self.last_stream_id.to_bytes(4, "big") + _NO_ERROR.to_bytes(4, "big")
-            self.outbox += _frame(_GOAWAY, 0, 0, payload)
-            self.flush()
+            self._write_goaway(_NO_ERROR, "")
 
     # frames ----------------------------------------------------------------------------------
     def _on_frame(self, kind: int, flags: int, sid: int, payload: bytes) -> None:
         if self.headers_pending is not None and kind != _CONTINUATION:
             raise _ConnectionError(_PROTOCOL_ERROR, "header block interrupted")
         if kind == _DATA:
+            if not payload and not flags & _END_STREAM:
+                self._count_control()  # moves nothing: an empty-frames flood
             self._on_data(flags, sid, payload)
         elif kind == _HEADERS:
             self._on_headers(flags, sid, payload)
         elif kind == _CONTINUATION:
-            if self.headers_pending is None or self.headers_pending[0] != sid:
-                raise _ConnectionError(_PROTOCOL_ERROR, "CONTINUATION without HEADERS")
-            _, pending_flags, block = self.headers_pending
-            block += payload
-            if flags & _END_HEADERS:
-                self.headers_pending = None
-                self._on_header_block(pending_flags, sid, bytes(block))
-        elif kind == _SETTINGS:
-            if not flags & _ACK:
-                self._on_settings(payload)
-        elif kind == _WINDOW_UPDATE:
-            self._on_window_update(sid, payload)
-        elif kind == _PING:
-            if not flags & _ACK:
-                self.outbox += _frame(_PING, _ACK, 0, payload)
-        elif kind == _RST_STREAM:
-            call = self.calls.pop(sid, None)
-            if call is not None and call.task is not None:
-                call.task.cancel()
-        elif kind == _GOAWAY:
-            self.going_away = True  # the client opens no new streams; the open ones finish
-        elif kind == _PUSH_PROMISE:
-            raise _ConnectionError(_PROTOCOL_ERROR, "a client may not push")
-        # PRIORITY and unknown frame types are ignored, as the protocol asks
+            self._on_continuation(flags, sid, payload)
+        else:
+            # every other frame is control: counted against the second's allowance
+            self.control += 1
+            if self.control > self.control_allowed:
+                self._check_control_flood()
+            if kind == _WINDOW_UPDATE:
+                self._on_window_update(sid, payload)
+            elif kind == _SETTINGS:
+                if not flags & _ACK:
+                    self._on_settings(payload)
+            elif kind == _PING:
+                if not flags & _ACK:
+                    self.outbox += _frame(_PING, _ACK, 0, payload)
+                    if self.paused is not None:
+                        self._count_queued_answer()
+            elif kind == _RST_STREAM:
+                self._on_reset(sid)
+            elif kind == _GOAWAY:
+                self.going_away = True  # the client opens no new streams; the open ones finish
+            elif kind == _PUSH_PROMISE:
+                raise _ConnectionError(_PROTOCOL_ERROR, "a client may not push")
+            # PRIORITY and unknown frame types are ignored, as the protocol asks
+
+    def _count_control(self) -> None:
+        self.control += 1
+        if self.control > self.control_allowed:
+            self._check_control_flood()
+
+    def _check_control_flood(self) -> None:
+        """Past the flat allowance: add what the second's real work explains (a client answers
+        our DATA with WINDOW_UPDATEs and may reset what it opened), else this is a flood."""
+        allowed = self.limits.max_control_frames_per_second + 2 * (
+            self.streams_opened + self.data_frames_sent
+        )
+        if self.control > allowed:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM, f"more than {allowed} control frames in a second", "control"
+            )
+        self.control_allowed = allowed
+
+    def _count_queued_answer(self) -> None:
+        """Writing is paused: the peer sends but does not read what we answer."""
+        self.queued_answers += 1
+        if self.queued_answers > self.limits.max_queued_control_frames:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"more than {self.limits.max_queued_control_frames} control answers unread",
+                "unread_answers",
+            )
+
+    def _on_reset(self, sid: int) -> None:
+        call = self.calls.pop(sid, None)
+        if call is None:
+            if sid == 0 or sid > self.last_stream_id:
+                raise _ConnectionError(_PROTOCOL_ERROR, f"RST_STREAM on idle stream {sid}")
+            return  # a stream we already ended
+        task = call.task
+        if task is not None and not task.done():
+            task.cancel()
+            # it holds its place under max_concurrent_streams until it has ended (grpc-go's
+            # answer to rapid reset: never more handlers running than streams allowed)
+            self.reset_running += 1
+            task.add_done_callback(self._reset_ended)
+        self.resets += 1
+        if self.resets > self.limits.max_resets_per_second:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"more than {self.limits.max_resets_per_second} streams reset in a second",
+                "rapid_reset",
+            )
+
+    def _reset_ended(self, _task: asyncio.Task[None]) -> None:
+        self.reset_running -= 1
+
+    def _on_continuation(self, flags: int, sid: int, payload: bytes) -> None:
+        if self.headers_pending is None or self.headers_pending[0] != sid:
+            raise _ConnectionError(_PROTOCOL_ERROR, "CONTINUATION without HEADERS")
+        _, pending_flags, block = self.headers_pending
+        block += payload
+        self.continuations += 1
+        # before decoding, and before the block can grow further (CONTINUATION flood)
+        if len(block) > self.limits.max_header_bytes:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"header block past {self.limits.max_header_bytes} bytes",
+                "header_block",
+            )
+        if self.continuations > self.limits.max_continuation_frames:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"more than {self.limits.max_continuation_frames} CONTINUATION frames",
+                "header_block",
+            )
+        if flags & _END_HEADERS:
+            self.headers_pending = None
+            self._on_header_block(pending_flags, sid, bytes(block))
 
     @staticmethod
     def _unpad(flags: int, payload: bytes) -> bytes:
@@ -415,10 +662,17 @@ class _Connection(asyncio.Protocol):
         block = self._unpad(flags, payload)
         if flags & _PRIORITY_FLAG:
             block = block[5:]
+        if len(block) > self.limits.max_header_bytes:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"header block past {self.limits.max_header_bytes} bytes",
+                "header_block",
+            )
         if flags & _END_HEADERS:
             self._on_header_block(flags, sid, block)
         else:
             self.headers_pending = (sid, flags, bytearray(block))
+            self.continuations = 0
 
     def _decode(self, block: bytes) -> list[tuple[bytes, bytes]]:
         """Decoded headers; a block seen before is reused while the dynamic table is unchanged
@@ -457,6 +711,10 @@ class _Connection(asyncio.Protocol):
         if self.going_away:
             self.outbox += _frame(_RST_STREAM, 0, sid, _REFUSED_STREAM.to_bytes(4, "big"))
             return
+        if len(self.calls) + self.reset_running >= self.limits.max_concurrent_streams:
+            self._refuse(sid)
+            return
+        self.streams_opened += 1
         path = b""
         bad = None
         deadline = None
@@ -479,7 +737,7 @@ class _Connection(asyncio.Protocol):
             elif name not in (b"te", b"grpc-accept-encoding"):
                 key = name.decode("ascii", "replace")
                 metadata.append((key, value if key.endswith("-bin") else value.decode("latin-1")))
-        context = CallContext(metadata, deadline)
+        context = CallContext(metadata, deadline, self.peer_cert)
         call = _Call(self, sid, self.server.routes.get(path), self.peer_window, context, encoding)
         self.calls[sid] = call
         if bad is not None:
@@ -492,6 +750,26 @@ class _Connection(asyncio.Protocol):
             call.task = asyncio.ensure_future(self._run(call))
         if flags & _END_STREAM and sid in self.calls:
             self._on_end(call)
+
+    def _refuse(self, sid: int) -> None:
+        """A stream past max_concurrent_streams: REFUSED_STREAM (the client may retry it)."""
+        self.outbox += _frame(_RST_STREAM, 0, sid, _REFUSED_STREAM.to_bytes(4, "big"))
+        self.server.refusals["refused_stream"] += 1
+        if not self.refusal_logged:
+            self.refusal_logged = True
+            log.debug(
+                "a gRPC client opened more than %d streams", self.limits.max_concurrent_streams
+            )
+        if self.paused is not None:
+            self._count_queued_answer()
+        self.refused += 1
+        if self.refused > self.limits.max_refused_streams_per_second:
+            raise _ConnectionError(
+                _ENHANCE_YOUR_CALM,
+                f"more than {self.limits.max_refused_streams_per_second} streams refused in a "
+                f"second (SETTINGS_MAX_CONCURRENT_STREAMS is {self.limits.max_concurrent_streams})",
+                "refused_streams",
+            )
 
     def _on_data(self, flags: int, sid: int, payload: bytes) -> None:
         if sid == 0:
@@ -549,6 +827,8 @@ class _Connection(asyncio.Protocol):
                     raise _ConnectionError(_PROTOCOL_ERROR, f"max frame size {value}")
                 self.peer_max_frame = value
         self.outbox += _frame(_SETTINGS, _ACK, 0)
+        if self.paused is not None:
+            self._count_queued_answer()
         self._wake_senders()
 
     def _on_window_update(self, sid: int, payload: bytes) -> None:
@@ -557,6 +837,8 @@ class _Connection(asyncio.Protocol):
         increment = int.from_bytes(payload, "big") & 0x7FFF_FFFF
         if sid == 0:
             self.send_window += increment
+            if self.send_window > _MAX_WINDOW:
+                raise _ConnectionError(_FLOW_CONTROL_ERROR, "connection window past 2^31-1")
         elif (call := self.calls.get(sid)) is not None:
             call.window += increment
         self._wake_senders()
@@ -704,6 +986,7 @@ class _Connection(asyncio.Protocol):
                 continue
             chunk = data[:room]
             self.outbox += _frame(_DATA, 0, sid, bytes(chunk))
+            self.data_frames_sent += 1
             self.send_window -= len(chunk)
             call.window -= len(chunk)
             data = data[len(chunk) :]
