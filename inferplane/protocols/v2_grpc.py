@@ -491,8 +491,17 @@ class HealthServicer:
 _NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> grpc_transport.GrpcServer:
-    """Build, bind and start the gRPC server (inference and health services)."""
+async def start_grpc_server(
+    deps: ServingDeps,
+    host: str,
+    port: int,
+    *,
+    ssl: grpc_transport.SSLContext | None = None,
+    limits: grpc_transport.GrpcLimits | None = None,
+) -> grpc_transport.GrpcServer:
+    """Build, bind and start the gRPC server (inference and health services); TLS with `ssl`
+    (configured by the caller: certificates, ALPN "h2", client certificates), the transport's
+    default guards unless `limits`."""
     routes = grpc_transport.methods_of(
         InferenceServicer(deps), pb.DESCRIPTOR.services_by_name["GRPCInferenceService"], pb
     )
@@ -501,9 +510,9 @@ async def start_grpc_server(deps: ServingDeps, host: str, port: int) -> grpc_tra
             HealthServicer(deps), health_pb2.DESCRIPTOR.services_by_name["Health"], health_pb2
         )
     )
-    server = grpc_transport.GrpcServer(routes, deps.max_payload_bytes, deps.busy_poll)
+    server = grpc_transport.GrpcServer(routes, deps.max_payload_bytes, deps.busy_poll, limits)
     try:
-        await server.start(host, port)
+        await server.start(host, port, ssl)
     except OSError as exc:
         raise OSError(f"cannot bind the gRPC port {_address(host, port)}: {exc}") from exc
     return server
