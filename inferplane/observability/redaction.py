@@ -138,6 +138,7 @@ class Redactor:
         # The key is only asked for (and a missing salt only reported) when something hashes.
         self._mac = hmac.new(salt or audit_salt(), digestmod=hashlib.sha256) if needs_key else None
         self._warned: set[tuple[str, tuple[int, ...]]] = set()
+        self._capture_failed = False
 
     def __bool__(self) -> bool:
         return bool(self.tensors)
@@ -146,9 +147,18 @@ class Redactor:
 
     def capture(
         self, inputs: Mapping[str, np.ndarray], max_values: int = MAX_VALUES
-    ) -> tuple[str, str]:
-        """(payload_hash, payload) of a request's inputs, both with the rules applied."""
-        return self.digest(inputs), self.payload_json(inputs, max_values)
+    ) -> tuple[str | None, str | None]:
+        """(payload_hash, payload) of a request's inputs, both with the rules applied; (None,
+        None) when the inputs hold something that cannot be captured (logged once)."""
+        try:
+            return self.digest(inputs), self.payload_json(inputs, max_values)
+        except Exception:
+            # Called as the request finishes: an audit detail must never turn its answer into
+            # an error, and a payload half redacted is not kept.
+            if not self._capture_failed:
+                self._capture_failed = True
+                log.exception("audit payload capture failed; the record keeps no payload")
+            return None, None
 
     def digest(self, inputs: Mapping[str, np.ndarray]) -> str:
         """sha256 over names, dtypes, shapes and the values a redacted copy keeps.

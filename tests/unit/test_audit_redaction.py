@@ -245,6 +245,23 @@ def test_payload_hash_covers_the_redacted_payload_only() -> None:
     assert NO_REDACTION.capture({"x": x}) == (payload_hash({"x": x}), payload_json({"x": x}))
 
 
+def test_an_input_that_cannot_be_captured_leaves_no_payload(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    class Opaque:
+        def __str__(self) -> str:
+            raise RuntimeError("no text")
+
+    odd = {"blob": np.array([Opaque()], dtype=object)}
+    r = redactor(("blob", "hash"))
+    with caplog.at_level(logging.ERROR, "inferplane.audit"):
+        assert r.capture(odd) == (None, None)
+        assert r.capture(odd) == (None, None)
+    assert [m for m in caplog.messages if "capture failed" in m] == [
+        "audit payload capture failed; the record keeps no payload"
+    ]
+
+
 # -- the salt -------------------------------------------------------------------------------
 
 
