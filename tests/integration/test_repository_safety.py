@@ -114,8 +114,10 @@ def server(layout: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[S
 def raw_post(server: ServerProcess, path: str) -> tuple[int, bytes]:
     """POST `path` exactly as written (no client normalises or re-encodes it)."""
     with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as sock:
-        head = f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-        sock.sendall(head.encode())
+        request = (
+            f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+        )
+        sock.sendall(request.encode())
         data = b""
         while chunk := sock.recv(65536):
             data += chunk
