@@ -123,13 +123,11 @@ class Redactor:
         self.tensors: dict[str, _TensorRules] = {}
         for name in whole.keys() | columns.keys():
             w = whole.get(name)
-            cols = {
+            cols = {  # nothing is stricter than a whole-tensor drop: no columns then
                 c: a
                 for c, a in sorted(columns.get(name, {}).items())
                 if _STRICTNESS[a] > _STRICTNESS[w]
             }
-            if w == "drop":
-                cols = {}
             label = ({"*": w} if w else {}) | {str(c): a for c, a in cols.items()}
             self.tensors[name] = _TensorRules(w, cols, label)
         needs_key = any(
