@@ -84,16 +84,24 @@ def serve(repo: Path, workdir: Path, audit: bool) -> tuple[subprocess.Popen[byte
     raise SystemExit("the server did not come up")
 
 
-def drive(port: int, model: str, seconds: float, concurrency: int) -> tuple[float, float, float]:
-    """(infer/s, p50 ms, p99 ms)."""
+def drive(
+    port: int,
+    model: str,
+    seconds: float,
+    concurrency: int,
+    extra: tuple[str, ...] = (),
+    url: str | None = None,
+) -> tuple[float, float, float]:
+    """(infer/s, p50 ms, p99 ms); `extra` perf_analyzer options (headers, TLS), `url` instead of
+    plain HTTP on 127.0.0.1:port."""
     cmd = [
-        str(VENV_BIN / "perf_analyzer"), "-m", model, "-u", f"127.0.0.1:{port}", "-i", "http",
+        str(VENV_BIN / "perf_analyzer"), "-m", model, "-u", url or f"127.0.0.1:{port}", "-i", "http",
         "--concurrency-range", f"{concurrency}:{concurrency}", "--input-tensor-format", "json",
         "--output-tensor-format", "json", "-a", "--percentile", "99",
         # Three fixed windows, no stability demand (as ../shared/bench does for its fast mode):
         # on a shared machine a stability rule fails runs instead of reporting them.
         "-p", str(int(seconds * 1000 / 3)), "-s", "1000", "-r", "3",
-        "-H", "x-user:bench-user",
+        "-H", "x-user:bench-user", *extra,
     ]  # fmt: skip
     out = subprocess.run(
         cmd, env=perf_env(), capture_output=True, text=True, timeout=seconds * 10 + 60

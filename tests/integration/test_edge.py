@@ -49,7 +49,12 @@ SLOW_MODEL = textwrap.dedent(
 def body(rows: list[list[float]] = ROW) -> dict[str, Any]:
     return {
         "inputs": [
-            {"name": "input", "datatype": "FP32", "shape": [len(rows), 4], "data": sum(rows, [])}
+            {
+                "name": "input",
+                "datatype": "FP32",
+                "shape": [len(rows), 4],
+                "data": [x for row in rows for x in row],
+            }
         ]
     }
 
@@ -453,3 +458,20 @@ def test_serve_refuses_a_broken_access_file(tmp_path: Path) -> None:
     done = cli("serve", "--repository", str(tmp_path / "repo"), "--access", str(bad))
     assert done.returncode == 2
     assert "unknown scope 'fly'" in done.stderr
+
+
+def test_the_audit_records_the_principal_and_its_tenant(edge: EdgeServer) -> None:
+    from inferplane.observability.audit import query
+
+    with edge.client("infer", **{"x-request-id": "ignored"}) as c:
+        doc = body()
+        doc["id"] = "audited-by-principal"
+        assert c.post("/v2/models/fraud/infer", json=doc).status_code == 200
+    deadline = time.monotonic() + 10
+    while not (rows := query(str(edge.server.audit_db), request_id="audited-by-principal")):
+        assert time.monotonic() < deadline, "the record never reached the audit trail"
+        time.sleep(0.1)
+    assert rows[0].principal == "acme-app" and rows[0].tenant == "acme"
+    assert {r.principal for r in query(str(edge.server.audit_db), principal="acme-app")} == {
+        "acme-app"
+    }
