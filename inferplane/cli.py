@@ -186,6 +186,7 @@ def serve(
         raise typer.BadParameter("use granian or uvicorn", param_hint="--http-server")
     if pickles not in ("warn", "allow", "refuse"):
         raise typer.BadParameter("use warn, allow or refuse", param_hint="--pickles")
+    _check_tls(tls_cert, tls_key, tls_client_ca, tls_require_client_cert, http_server)
     repo = _repo(repository)
     if not repo.exists():
         raise typer.BadParameter(
@@ -237,6 +238,44 @@ def serve(
             grpc_max_streams=grpc_max_streams,
         )
     )
+
+
+def _check_tls(
+    cert: str | None, key: str | None, client_ca: str | None, require: bool, http_server: str
+) -> None:
+    """TLS options that go together, and files that load, checked before anything starts."""
+    if cert is None:
+        for given, hint in ((key, "--tls-key"), (client_ca, "--tls-client-ca")):
+            if given is not None:
+                raise typer.BadParameter(
+                    "needs --tls-cert (TLS is off without it)", param_hint=hint
+                )
+        if require:
+            raise typer.BadParameter(
+                "needs --tls-cert and --tls-client-ca", param_hint="--tls-require-client-cert"
+            )
+        return
+    if key is None:
+        raise typer.BadParameter(
+            "needs --tls-key, the certificate's private key", param_hint="--tls-cert"
+        )
+    if require and client_ca is None:
+        raise typer.BadParameter(
+            "needs --tls-client-ca, the CA bundle client certificates are checked against",
+            param_hint="--tls-require-client-cert",
+        )
+    if http_server == "granian":
+        raise typer.BadParameter(
+            "TLS needs --http-server uvicorn: granian neither reloads certificates in place nor "
+            "hands the client certificate to the application",
+            param_hint="--http-server",
+        )
+    from inferplane.edge.tls import HTTP_ALPN, TlsFileError, TlsFiles, server_context
+
+    try:
+        server_context(TlsFiles(cert, key, client_ca, require), HTTP_ALPN)
+    except TlsFileError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--tls-cert") from None
 
 
 def _loopback(host: str) -> bool:

@@ -7,6 +7,7 @@ import contextlib
 import gc
 import logging
 import signal
+import ssl
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
@@ -18,7 +19,7 @@ from inferplane.predictor import build_in_process
 from inferplane.protocols import services_rest, v1_rest, v2_rest
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
-from inferplane.protocols.http_protocol import v2_http_protocol
+from inferplane.protocols.http_protocol import HttpLimits, v2_http_protocol
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
 
 log = logging.getLogger("inferplane.server")
@@ -117,48 +118,111 @@ async def _start(deps: ServingDeps) -> None:
 async def serve(settings: ServerSettings) -> None:
     deps = build_deps(settings)
     app = build_app(deps)
+    reloader = None
+    if settings.tls_cert:
+        from inferplane.edge.tls import CertReloader, TlsFiles
+
+        if settings.http_server == "granian":
+            raise ValueError(_GRANIAN_TLS)
+        files = TlsFiles(
+            settings.tls_cert,
+            settings.tls_key or settings.tls_cert,  # a key in the certificate's file
+            settings.tls_client_ca,
+            settings.tls_require_client_cert,
+        )
+        reloader = CertReloader(files)
     grpc_server = None
     if settings.grpc_port:
+        from inferplane.edge.tls import GRPC_ALPN
+        from inferplane.protocols.grpc_transport import GrpcLimits
         from inferplane.protocols.v2_grpc import start_grpc_server
 
-        grpc_server = await start_grpc_server(deps, settings.host, settings.grpc_port)
-        log.info("gRPC listening on %s:%d", settings.host, settings.grpc_port)
+        limits = GrpcLimits(
+            max_concurrent_streams=settings.grpc_max_streams,
+            max_connections=settings.max_connections,
+        )
+        grpc_ssl = None if reloader is None else reloader.context(GRPC_ALPN)
+        grpc_server = await start_grpc_server(
+            deps, settings.host, settings.grpc_port, ssl=grpc_ssl, limits=limits
+        )
+        tls = "" if reloader is None else " (TLS)"
+        log.info("gRPC listening on %s:%d%s", settings.host, settings.grpc_port, tls)
+    watcher = None
     try:
-        if settings.http_server == "granian":
-            await _serve_granian(app, settings)
+        if reloader is None:
+            if settings.http_server == "granian":
+                await _serve_granian(app, settings)
+            else:
+                await _serve_uvicorn(app, settings)
         else:
-            await _serve_uvicorn(app, settings)
+            from inferplane.edge.tls import HTTP_ALPN
+
+            http_ssl = reloader.context(HTTP_ALPN)
+            watcher = asyncio.create_task(reloader.run())
+            with reloader.install_sighup(asyncio.get_running_loop()):
+                await _serve_uvicorn(app, settings, http_ssl)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         if grpc_server is not None:
             await grpc_server.stop(grace=5)
 
 
-async def _serve_uvicorn(app: InferEndpoint, settings: ServerSettings) -> None:
+_GRANIAN_TLS = (
+    "TLS needs --http-server uvicorn: granian neither reloads certificates in place nor hands "
+    "the client certificate to the application"
+)
+
+
+async def _serve_uvicorn(
+    app: InferEndpoint, settings: ServerSettings, ssl_context: ssl.SSLContext | None = None
+) -> None:
+    protocol = v2_http_protocol(
+        app.handler,  # httptools; infer answered without ASGI
+        HttpLimits(
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            keepalive_s=settings.http_keepalive_s,  # the protocol's sweep closes idle ones
+            max_connections=settings.max_connections,
+            max_idle_connections=settings.max_idle_connections,
+        ),
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
         port=settings.http_port,
         loop="uvloop",
-        http=v2_http_protocol(app.handler),  # httptools; infer answered without ASGI
+        http=protocol,
         log_level=settings.log_level,
         access_log=False,
         proxy_headers=False,  # no X-Forwarded-* rewriting: nothing here reads the client address
         lifespan="on",
         timeout_graceful_shutdown=10,
     )
-    await uvicorn.Server(config).serve()
+    config.load()
+    # Handed over after load() (which would build its own from file names): the reloader keeps
+    # this very context on the newest certificate, and uvicorn listens with it.
+    config.ssl = ssl_context
+    try:
+        await uvicorn.Server(config).serve()
+    finally:
+        await protocol.registry.stop()
 
 
 async def _serve_granian(app: InferEndpoint, settings: ServerSettings) -> None:
     """Granian's Rust HTTP/1 front end in this process and event loop (its embedded mode).
 
     It parses requests and writes responses off the Python thread, which is where uvicorn spends
-    most of its time on small requests (two socket writes per response under the GIL).
+    most of its time on small requests (two socket writes per response under the GIL). Of the
+    listener limits only the header timeout applies here; TLS is refused (`_GRANIAN_TLS`).
     """
     from granian.constants import Interfaces
+    from granian.http import HTTP1Settings
     from granian.log import LogLevels
     from granian.server.embed import Server
 
+    if settings.tls_cert:
+        raise ValueError(_GRANIAN_TLS)
     logging.getLogger("_granian").setLevel(logging.ERROR)  # "embedded is experimental" at start
     server = Server(
         app,
@@ -167,6 +231,9 @@ async def _serve_granian(app: InferEndpoint, settings: ServerSettings) -> None:
         interface=Interfaces.ASGI,
         log_level=LogLevels.error,
         backlog=2048,
+        http1_settings=HTTP1Settings(
+            header_read_timeout=max(1, round(settings.http_header_timeout_s * 1000))
+        ),
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
