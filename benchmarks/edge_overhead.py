@@ -111,7 +111,7 @@ def main() -> int:
         )
         made = subprocess.run(
             [str(VENV_BIN / "inferplane"), "keys", "create", "--access", str(workdir / "access.yaml"),
-             "--tenant", "bench", "--scopes", "infer"],
+             "--tenant", "bench", "--scopes", "infer,read"],
             capture_output=True, text=True, check=True,
         )  # fmt: skip
         key = made.stdout.strip()

@@ -50,7 +50,14 @@ class _Loaded:
         self.keys = KeyStore(read_keys(self.keys_path) if self.keys_path else {})
         self.jwt = JwtVerifier(self.spec.jwt, path.parent) if self.spec.jwt else None
         if self.jwt is not None:
-            self.jwt.load_keys()
+            try:
+                self.jwt.load_keys()
+            except InferplaneError as exc:
+                if self.jwt.jwks_file is not None:
+                    raise  # a file is ours to fix: refuse it like the access file
+                # An identity provider that is down must not keep the server (or a reload) from
+                # starting: tokens are refused until a later fetch succeeds.
+                log.error("JWKS not loaded, bearer tokens are refused until it is: %s", exc.message)
         self.quotas = Quotas(list(self.spec.quotas), share)
 
     def watched(self, path: Path) -> list[Path]:

@@ -198,3 +198,67 @@ def test_the_fleet_share_divides_rates_and_caps(clock: FakeClock) -> None:
         lease.release()
     with pytest.raises(TooManyRequests, match="rate limit"):
         q.admit("a", "m")  # burst 4 / 2 replicas = 2
+
+
+def test_a_jwks_url_is_fetched_again_when_the_idp_rotates_its_keys(tmp_path: Path) -> None:
+    """A real HTTP server plays the identity provider; a token signed by a key published after
+    the server started is accepted once the edge refetches the set."""
+    import http.server
+    import json
+    import threading
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    from inferplane.edge import jwt_auth
+
+    keys = {"old": rsa.generate_private_key(public_exponent=65537, key_size=2048)}
+    published: list[str] = ["old"]
+
+    class Jwks(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            doc = {
+                "keys": [
+                    {**jwt.algorithms.RSAAlgorithm.to_jwk(keys[k].public_key(), as_dict=True),
+                     "kid": k, "alg": "RS256"}
+                    for k in published
+                ]
+            }  # fmt: skip
+            raw = json.dumps(doc).encode()
+            self.send_response(200)
+            self.send_header("content-length", str(len(raw)))
+            self.end_headers()
+            self.wfile.write(raw)
+
+        def log_message(self, *args: object) -> None:
+            return None
+
+    idp = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Jwks)
+    threading.Thread(target=idp.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{idp.server_address[1]}/jwks"
+        edge = _edge(
+            tmp_path, {"jwt": {"jwks_url": url, "issuer": "https://i/", "audience": "inferplane"}}
+        )
+        claims = {"sub": "alice", "tenant": "acme", "iss": "https://i/", "aud": "inferplane"}
+        claims["exp"] = int(time.time()) + 60
+
+        def token(kid: str) -> str:
+            return jwt.encode(claims, keys[kid], "RS256", headers={"kid": kid})
+
+        assert (
+            asyncio.run(edge.authenticate_async(f"Bearer {token('old')}", None, None)).name
+            == "alice"
+        )
+        keys["new"] = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        published.append("new")
+        # the set was fetched just now: a refetch waits for the rate limit, then happens
+        with pytest.raises(Unauthenticated, match="'new' is not in the key set"):
+            asyncio.run(edge.authenticate_async(f"Bearer {token('new')}", None, None))
+        assert edge.state.jwt is not None
+        edge.state.jwt._fetched_at -= jwt_auth._MIN_REFETCH_S
+        principal = asyncio.run(edge.authenticate_async(f"Bearer {token('new')}", None, None))
+        assert (principal.name, principal.tenant, principal.method) == ("alice", "acme", "jwt")
+    finally:
+        idp.shutdown()
