@@ -794,8 +794,16 @@ class _Connection(asyncio.Protocol):
                 call.pending_credit = 0
         else:
             self.credit(call, len(payload))
-            if len(call.buffer) >= 5:
-                self._check_length(call, int.from_bytes(call.buffer[1:5], "big"))
+            buffered = len(call.buffer)
+            if buffered >= 5:
+                length = int.from_bytes(call.buffer[1:5], "big")
+                # the window came back already: bytes past the one message would pile up
+                if self._check_length(call, length) and buffered > 5 + length:
+                    self._finish(
+                        call,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "a unary call carries exactly one request message, this one more",
+                    )
         if flags & _END_STREAM and sid in self.calls:
             self._on_end(call)
 

@@ -555,3 +555,27 @@ def test_limits_must_be_positive() -> None:
     with pytest.raises(ValueError, match="max_concurrent_streams"):
         GrpcLimits(max_concurrent_streams=0)
     assert GrpcLimits(idle_timeout=float("inf")).idle_timeout == float("inf")
+
+
+async def test_unary_call_sending_past_its_one_message_is_ended_at_once() -> None:
+    """Bytes after a unary call's one message are not buffered until END_STREAM (the window is
+    returned as data arrives, so nothing else would stop them)."""
+    async with serving(GrpcLimits()) as server:
+
+        def attack() -> tuple[Frame | None, Raw]:
+            with raw(server.port) as conn:
+                conn.send(
+                    frame(HEADERS, END_HEADERS, 1, headers_block()) + frame(DATA, 0, 1, request())
+                )
+                conn.send(frame(DATA, 0, 1, b"\x00" * 16_384))
+                trailers = conn.read(lambda f: f.kind == HEADERS and bool(f.flags & END_STREAM))
+                conn.read(lambda f: f.kind == RST_STREAM)
+                return trailers, conn
+
+        trailers, conn = await in_thread(attack)
+        assert trailers is not None
+        fields = dict(hpack.Decoder().decode(trailers.payload))
+        assert fields["grpc-status"] == "3"  # INVALID_ARGUMENT
+        assert "exactly one request message" in fields["grpc-message"]
+        assert next(f for f in conn.frames if f.kind == RST_STREAM).sid == 1
+        await assert_served(server)
