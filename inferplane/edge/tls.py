@@ -17,9 +17,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime
+import hashlib
 import ipaddress
 import logging
-import os
 import signal
 import ssl
 from collections.abc import Iterator, Sequence
@@ -82,14 +82,15 @@ def describe_cert(path: str) -> str:
     return text
 
 
-_Signature = tuple[tuple[int, int, int, int] | None, ...]
+_Signature = tuple[bytes | None, ...]  # the files' sha256, None for one that cannot be read
 
 
 class CertReloader:
     """The listening contexts of the ports, kept on the newest good certificate files.
 
-    `run()` polls the files' stat (mtime, size, inode: a replaced file or a swapped symlink both
-    show) every `interval_s`; SIGHUP (`install_sighup`) checks at once. A change builds fresh
+    `run()` compares the files' contents (a few KB, by sha256) every `interval_s`: unlike mtimes
+    this sees two same-sized writes within one clock tick, and a swapped symlink as well. SIGHUP
+    (`install_sighup`) checks at once. A change builds fresh
     contexts; if that fails the error is logged and the current certificate keeps being served."""
 
     def __init__(self, files: TlsFiles, interval_s: float = RELOAD_INTERVAL_S) -> None:
@@ -120,14 +121,13 @@ class CertReloader:
         return ctx
 
     def _signature(self) -> _Signature:
-        out: list[tuple[int, int, int, int] | None] = []
+        out: list[bytes | None] = []
         for path in self.files.paths():
             try:
-                st = os.stat(path)
+                with open(path, "rb") as f:
+                    out.append(hashlib.sha256(f.read()).digest())
             except OSError:
                 out.append(None)
-            else:
-                out.append((st.st_mtime_ns, st.st_size, st.st_ino, st.st_dev))
         return tuple(out)
 
     def check(self, force: bool = False) -> bool:
