@@ -75,12 +75,24 @@ def element_size(datatype: str) -> int:
     return 0 if datatype == BYTES else DATATYPE_TO_DTYPE[datatype].itemsize
 
 
+# numpy sizes every dimension of an array, even one with no elements: (0, 2**61) FP64 raises
+# ValueError ("array is too big"). Beyond this many elements on the other dimensions, an empty
+# tensor is refused as a bad request (8-byte items stay under numpy's 2**63 bytes).
+_MAX_EMPTY_SPAN = 1 << 59
+
+
 def check_shape(name: str, shape: Any) -> tuple[int, ...]:
     if isinstance(shape, list | tuple):
         for d in shape:  # a loop, not all(): this runs for every tensor of every request
             if type(d) is not int or d < 0:  # bool is a subclass of int, not int itself
                 break
         else:
+            # A tensor with elements is bounded by its data, which every decoder compares with
+            # the shape; an empty one is not.
+            if 0 in shape and math.prod(d for d in shape if d) > _MAX_EMPTY_SPAN:
+                raise BadRequest(
+                    f"input '{name}': shape {list(shape)} is too large, even with no elements"
+                )
             return tuple(shape)
     raise BadRequest(f"input '{name}': shape must be a list of non-negative integers")
 
@@ -131,7 +143,7 @@ def from_json(name: str, datatype: str, shape: Sequence[int], data: Any) -> np.n
         kind = raw.dtype.kind
     if kind not in "biuf":
         raise BadRequest(f"input '{name}': {datatype} data must be numbers, got {raw.dtype.name}")
-    if dtype.kind == "b" and kind != "b":
+    if dtype.kind == "b" and kind != "b" and raw.size:  # `[]` reads as float64: still empty
         raise BadRequest(f"input '{name}': BOOL data must be true/false")
     if dtype.kind in "iu" and kind == "f":
         raw = _exact_integers(name, datatype, dtype, data)
@@ -188,8 +200,15 @@ def from_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes | memory
 
 
 def _bytes_from_raw(name: str, shape: Sequence[int], count: int, view: memoryview) -> np.ndarray:
-    out = np.empty(count, dtype=object)
     pos, end = 0, len(view)
+    # Checked before allocating: a 4-byte body claiming shape [10**10] would otherwise have the
+    # server fill an 80 GB object array before finding that element 1 is missing.
+    if count * 4 > end:
+        raise BadRequest(
+            f"input '{name}': {count} BYTES elements need at least {count * 4} bytes "
+            f"(a 4-byte length each), got {end}"
+        )
+    out = np.empty(count, dtype=object)
     for i in range(count):
         if pos + 4 > end:
             raise BadRequest(f"input '{name}': BYTES data ends before element {i} of {count}")

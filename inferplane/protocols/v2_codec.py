@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -201,8 +202,10 @@ def request_deadline(params: dict[str, Any], header_ms: bytes | None) -> float |
             raise BadRequest(
                 f"{TIMEOUT_HEADER.decode()} must be a number of milliseconds"
             ) from None
-        if ms <= 0:
-            raise BadRequest(f"{TIMEOUT_HEADER.decode()} must be positive")
+        # float() also reads "nan" and "inf": a NaN deadline made the scheduler's timer raise
+        # (uvloop cannot convert NaN), which answered 500.
+        if not 0 < ms < math.inf:
+            raise BadRequest(f"{TIMEOUT_HEADER.decode()} must be a positive, finite number")
         seconds = ms / 1e3 if seconds is None else min(seconds, ms / 1e3)
     return None if seconds is None else time.monotonic() + seconds
 

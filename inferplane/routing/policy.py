@@ -30,7 +30,9 @@ _DEFAULT_RETRY_ON: tuple[Retryable, ...] = ("unavailable", "internal")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf / .nan (YAML has both): an infinite backoff_ms made a retry sleep forever, an
+    # infinite timeout or cooldown means none at all, and NaN passes no comparison.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _version_text(cls: type, data: object) -> object:
@@ -283,6 +285,8 @@ def parse_policy(text: str, source: str = "services file") -> Policy:
         doc = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
         raise BadRequest(f"{source}: not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise BadRequest(f"{source}: nested too deeply to be a services file") from None
     if not isinstance(doc, dict):
         raise BadRequest(f"{source}: expected a mapping with a 'services' key")
     try:
