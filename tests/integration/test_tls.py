@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
@@ -518,6 +519,15 @@ def test_broken_new_files_keep_the_old_certificate(live: Live, pki: Pki, broken:
     fixed = server_cert(pki.ca, pki.base)
     live.install(fixed)
     eventually(lambda: serving(live, pki.ca, fixed.serial), "the mended files served")
+
+
+def test_sighup_reloads_at_once(live: Live, pki: Pki) -> None:
+    """Unchanged files are reloaded only on request: SIGHUP."""
+    reloads = live.server.log().count("TLS reloaded")
+    live.server.process.send_signal(signal.SIGHUP)
+    eventually(lambda: live.server.log().count("TLS reloaded") > reloads, "a reload", 3.0)
+    assert live.server.process.poll() is None
+    assert infer_httpx(live.server, client_context(pki.ca, None)).status_code == 200
 
 
 def test_client_ca_bundle_replaced(live: Live, pki: Pki) -> None:
