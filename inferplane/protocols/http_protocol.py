@@ -14,7 +14,8 @@ Listener limits (`HttpLimits`) live here too, since uvicorn has a keep-alive tim
 timeouts and no connection caps. Each connection keeps its phase and when that phase began in two
 attributes; one sweep per server (`Connections`) compares them with the clock a few times a second,
 so a request pays for no timer: a head that is not complete within the header timeout of the
-connection opening or of the previous response (slowloris), or a body not complete within the body
+connection opening or of the previous response (slowloris; after a response, the keep-alive
+timeout if that is longer, since the head may begin as late as keep-alive allows), or a body not complete within the body
 timeout after its head, gets a 408 and a close; idle keep-alive connections close after the
 keep-alive timeout (uvicorn's own per-response timer is not armed) and, past the idle cap, the
 oldest one closes; past the connection cap a new connection gets a 503, after the oldest idle one
@@ -59,7 +60,7 @@ _now = time.monotonic
 _OPEN = 0  # accepted, nothing of a first request yet: the header timeout runs from the accept
 _IDLE = 1  # answered, waiting for the next request: the keep-alive timeout runs
 _HEAD_FIRST = 2  # a first request's head is arriving (header timeout from the accept)
-_HEAD = 3  # a later request's head is arriving (header timeout from the previous answer)
+_HEAD = 3  # a later request's head: header timeout (or keep-alive, if longer) from the last answer
 _BODY = 4  # the head is in, the body is arriving: the body timeout runs from the head
 _DONE = 5  # the request is read and being answered: no timeout (the deadline is the app's)
 _GONE = 6  # closed or refused by the limits; nothing more is done with it
