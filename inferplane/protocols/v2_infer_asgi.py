@@ -193,7 +193,9 @@ class InferEndpoint:
             body = await read_body_limited(receive, declared, self.deps.max_payload_bytes)
         except InferplaneError as exc:
             body = exc
-        status, response_headers, payload = await self.handler.answer(name, version, headers, body)
+        status, response_headers, payload = await self.handler.answer(
+            name, version, headers, body, scope.get("inferplane.peer_cert")
+        )
         await _respond(send, status, payload, response_headers)
 
 

@@ -381,11 +381,6 @@ def test_the_client_certificate_reaches_the_access_rules(
     assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="InferEndpoint.infer (v2_infer_asgi.py) does not pass scope['inferplane.peer_cert'] "
-    "to InferHandler.answer yet",
-)
 def test_the_client_certificate_reaches_infer_on_the_asgi_path(
     mtls_server: ServerProcess, pki: Pki
 ) -> None:
