@@ -56,6 +56,7 @@ bench-serving: setup system-deps
 bench-traffic: models system-deps
 	$(PY) benchmarks/traffic_overhead.py $(if $(filter 1,$(FAST)),--seconds 6 --rounds 2)
 	$(PY) benchmarks/audit_bench.py
+	$(PY) benchmarks/edge_overhead.py $(if $(filter 1,$(FAST)),--seconds 6 --rounds 2)
 
 bench-stream: models system-deps
 	$(PY) benchmarks/stream_bench.py --repository examples/models \
