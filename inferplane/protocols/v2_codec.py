@@ -203,7 +203,7 @@ def request_deadline(params: dict[str, Any], header_ms: bytes | None) -> float |
                 f"{TIMEOUT_HEADER.decode()} must be a number of milliseconds"
             ) from None
         # float() also reads "nan" and "inf": a NaN deadline made the scheduler's timer raise
-        # (uvloop cannot convert NaN), which answered 500.
+        # (uvloop cannot convert NaN), answered as the model rejecting the input.
         if not 0 < ms < math.inf:
             raise BadRequest(f"{TIMEOUT_HEADER.decode()} must be a positive, finite number")
         seconds = ms / 1e3 if seconds is None else min(seconds, ms / 1e3)

@@ -303,6 +303,8 @@ class ModelConfig(BaseModel):
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise RepositoryError(f"{where}: not valid YAML: {exc}") from None
+        except RecursionError:  # PyYAML recurses once per nesting level
+            raise RepositoryError(f"{where}: nested too deeply to be a model.yaml") from None
         if not isinstance(data, dict):
             raise RepositoryError(f"{where}: expected a mapping at the top level")
         return cls.checked(where, **data)

@@ -147,7 +147,13 @@ class Repository:
         if not self.fs.exists(path):
             return {}
         with self.fs.open(path, "rb") as fh:
-            data = yaml.safe_load(fh.read()) or {}
+            text = fh.read()
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise RepositoryError(f"{model}/{ALIASES_YAML}: not valid YAML: {exc}") from None
+        except RecursionError:  # PyYAML recurses once per nesting level
+            raise RepositoryError(f"{model}/{ALIASES_YAML}: nested too deeply") from None
         if not isinstance(data, dict):
             raise RepositoryError(f"{model}/{ALIASES_YAML}: expected a mapping alias -> version")
         try:

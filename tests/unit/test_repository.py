@@ -225,10 +225,22 @@ def test_alias_errors(repo: Repository, onnx4: str) -> None:
     assert repo.aliases("fraud") == {}
 
 
-def test_malformed_aliases_file_is_a_repository_error(repo: Repository, onnx4: str) -> None:
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        (b"- 1\n- 2\n", r"aliases\.yaml: expected a mapping"),
+        (b"production: three\n", r"aliases\.yaml: every alias maps to a version number"),
+        (b"production: [1\n", r"aliases\.yaml: not valid YAML"),
+        (b"[" * 5000, r"aliases\.yaml: nested too deeply"),
+    ],
+    ids=["list", "not-a-number", "bad-yaml", "deep"],
+)
+def test_malformed_aliases_file_is_a_repository_error(
+    repo: Repository, onnx4: str, text: bytes, says: str
+) -> None:
     register(repo, "fraud", onnx4)
-    put(repo, posixpath.join(repo.root, "fraud", "aliases.yaml"), b"- 1\n- 2\n")
-    with pytest.raises(RepositoryError, match=r"aliases\.yaml: expected a mapping"):
+    put(repo, posixpath.join(repo.root, "fraud", "aliases.yaml"), text)
+    with pytest.raises(RepositoryError, match=says):
         repo.aliases("fraud")
 
 
@@ -305,6 +317,7 @@ def test_fetch_repairs_a_corrupted_cache_copy(moto_s3: object, onnx4: str, tmp_p
 MALFORMED = {
     "bad-yaml": (lambda d: "name: [unclosed\n", "not valid YAML"),
     "not-a-mapping": (lambda d: "- just\n- a list\n", "expected a mapping at the top level"),
+    "nested-too-deeply": (lambda d: "[" * 5000, "nested too deeply"),  # was a RecursionError
     "unknown-runtime": (lambda d: {**d, "runtime": "tensorflow"}, r"runtime: Input should be"),
     "bad-datatype": (
         lambda d: {**d, "inputs": [{**d["inputs"][0], "datatype": "FP99"}]},
