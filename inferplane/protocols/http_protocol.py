@@ -211,6 +211,11 @@ class _CoalescingTransport:
         self._head: bytes | None = None
 
     def write(self, data: bytes) -> None:
+        if self._transport.is_closing():
+            # The client went away (e.g. after pipelining requests): asyncio's transports drop
+            # such writes, uvloop's raise, and uvicorn still answers the queued requests.
+            self._head = None
+            return
         head = self._head
         if head is not None:
             self._head = None

@@ -35,7 +35,7 @@ class Router:
         if version is None or version == "":
             number = entry.aliases.get(PRODUCTION, max(entry.versions))
             decision = "production" if PRODUCTION in entry.aliases else "latest"
-        elif version.isdigit():
+        elif version.isascii() and version.isdigit():  # not '²', which int() refuses
             number, decision = int(version), "direct"
         elif version in entry.aliases:
             number, decision = entry.aliases[version], f"alias:{version}"
