@@ -262,3 +262,10 @@ def test_a_jwks_url_is_fetched_again_when_the_idp_rotates_its_keys(tmp_path: Pat
         assert (principal.name, principal.tenant, principal.method) == ("alice", "acme", "jwt")
     finally:
         idp.shutdown()
+
+
+def test_the_example_access_file_parses() -> None:
+    from inferplane.edge.access import read_access
+
+    spec = read_access(Path(__file__).resolve().parents[2] / "examples" / "access.yaml")
+    assert spec.grants and spec.quotas and spec.mtls
