@@ -1,6 +1,7 @@
 # make run   - set up, build the example models, serve them on 127.0.0.1:8080 (HTTP) / :8081 (gRPC)
 # make test  - set up (Python deps + system packages), lint, type-check, run the whole test suite
 # make bench - load tests against the peers (see benchmarks/README.md)
+# make fuzz  - the property and fuzz tests of tests/fuzz for much longer (FUZZ_EXAMPLES per test)
 SHELL := /bin/bash
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -12,7 +13,7 @@ GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps models run test lint typecheck pytest bench bench-serving bench-traffic \
-	bench-stream bench-batch clean
+	bench-stream bench-batch fuzz clean
 
 $(STAMP): pyproject.toml scripts/venv.sh scripts/constraints.txt
 	./scripts/venv.sh dev
@@ -64,6 +65,14 @@ bench-stream: models system-deps
 
 bench-batch: setup
 	$(PY) benchmarks/batch_bench.py $(if $(filter 1,$(FAST)),--rows 1000000,--rows 5000000)
+
+# make fuzz [FUZZ_EXAMPLES=20000]: `make test` runs tests/fuzz with the small derandomized `ci`
+# profile; this runs it with the `fuzz` one (random, no deadline, no per-test time limit).
+# Failures are kept in .hypothesis/ and tried first on the next run.
+FUZZ_EXAMPLES ?= 5000
+fuzz: setup system-deps
+	HYPOTHESIS_PROFILE=fuzz FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(VENV)/bin/pytest tests/fuzz \
+		--timeout 0 $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) examples/models examples/artifacts .pytest_cache .mypy_cache .ruff_cache

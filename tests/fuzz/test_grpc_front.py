@@ -29,7 +29,7 @@ from tests.fuzz.strategies import infer_requests
 BAD_CODES = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS}
 CALL_TIMEOUT_S = 10.0
 NAMES = st.sampled_from(["sum", "echo", "nope", "", "..", "../sum", "sum/1"]) | st.text(max_size=6)
-VERSIONS = st.sampled_from(["", "1", "2", "0", "production", "-1"]) | st.text(max_size=4)
+VERSIONS = st.sampled_from(["", "1", "2", "0", "²", "production", "-1"]) | st.text(max_size=4)
 
 # method -> strategy for its request message (as bytes)
 UNARY: dict[str, st.SearchStrategy[bytes]] = {

@@ -17,7 +17,6 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
-import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
@@ -36,7 +35,7 @@ MODELS = st.sampled_from(["sum", "echo", "nope", "", "..", "%2e%2e", "sum%2Finfe
     _SAFE, max_size=8
 )
 ANY_TEXT = st.text(max_size=8)  # percent-encoded before it goes into a path
-VERSIONS = st.sampled_from(["1", "2", "0", "-1", "production", "..", "01"]) | st.text(
+VERSIONS = st.sampled_from(["1", "2", "0", "-1", "²", "production", "..", "01"]) | st.text(
     _SAFE, max_size=4
 )
 HEADER_NAMES = [
