@@ -195,3 +195,22 @@ async def test_what_refuse_protects_from(tmp_path: Path) -> None:
 def test_an_unknown_policy_is_a_programming_error(repo: Repository) -> None:
     with pytest.raises(ValueError, match="pickles is one of warn, allow, refuse"):
         ModelManager(repo, Metrics(), pickles="maybe")
+
+
+async def test_refuse_still_serves_a_version_optimized_to_onnx(tmp_path: Path) -> None:
+    """`models register --optimize` stores an ONNX copy that serves instead of the pickle: no
+    unpickling at load, so nothing to refuse."""
+    from inferplane.repository.optimize import OptimizeOptions
+
+    repo = Repository(str(tmp_path / "repo"))
+    artifact = sklearn_artifact(tmp_path / "forest.joblib")
+    config = register(repo, "forest", str(artifact), optimize=OptimizeOptions(timing_s=0.1))
+    assert config.optimized is not None and config.optimized.enabled, config.metadata
+    manager = ModelManager(repo, Metrics(), pickles="refuse")
+    await manager.load_initial()
+    try:
+        lv = manager.entry("forest").versions[1]
+        assert lv.state is State.READY, lv.reason
+        assert lv.platform == "sklearn_joblib+onnx"
+    finally:
+        await manager.close()
