@@ -75,4 +75,4 @@ fuzz: setup system-deps
 		--timeout 0 $(PYTEST_ARGS)
 
 clean:
-	rm -rf $(VENV) examples/models examples/artifacts .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) examples/models examples/artifacts .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import uvicorn
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
 from inferplane.edge.gate import Edge
 from inferplane.predictor import build_in_process
@@ -97,7 +100,26 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
     routes = (
         v2_rest.build_routes(deps) + v1_rest.build_routes(deps) + services_rest.build_routes(deps)
     )
-    return InferEndpoint(deps, Starlette(routes=routes, lifespan=lifespan))
+    return InferEndpoint(
+        deps,
+        Starlette(
+            routes=routes,
+            lifespan=lifespan,
+            # Unknown paths and methods answer the V2 error body too, not Starlette's plain text.
+            exception_handlers={HTTPException: _v2_http_error},
+        ),
+    )
+
+
+async def _v2_http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    what = "path" if exc.status_code == 404 else "method"
+    body = v2_rest.json_response(
+        {"error": f"{exc.detail}: no {what} {request.method} {request.url.path}"}, exc.status_code
+    )
+    for name, value in (exc.headers or {}).items():
+        body.headers[name] = value
+    return body
 
 
 async def _start(deps: ServingDeps) -> None:

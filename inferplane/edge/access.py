@@ -42,7 +42,7 @@ ALGORITHMS = ("RS256", "ES256")  # asymmetric only: a shared HMAC secret would s
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _check_scopes(scopes: list[str]) -> list[str]:
@@ -179,6 +179,8 @@ def read_access(path: str | Path) -> AccessSpec:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BadRequest(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise BadRequest(f"{path}: nested too deeply to be an access file") from None
     return parse_access(doc, str(path))
 
 

@@ -90,6 +90,8 @@ def read_keys(path: Path) -> dict[str, KeyRecord]:
         doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise BadRequest(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise BadRequest(f"{path}: nested too deeply to be a keys file") from None
     return parse_keys(doc, str(path))
 
 

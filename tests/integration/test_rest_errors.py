@@ -92,6 +92,8 @@ CASES: list[tuple[str, str, dict[str, Any], int, str]] = [
     ("unknown-alias", "/v2/models/tabular/versions/gold/infer", {"json": GOOD}, 404,
      "no version or alias 'gold'"),
     ("unknown-model-metadata", "/v2/models/nope", {}, 404, "unknown model 'nope'"),
+    ("unknown-path", "/v3/nothing", {}, 404, "no path GET /v3/nothing"),
+    ("wrong-method", "/v2/health/live", {"json": {}}, 405, "no method POST /v2/health/live"),
     ("too-large", "/v2/models/tabular/infer", {"content": b" " * (3 * 1024 * 1024)}, 413,
      "exceeds the limit"),
     ("v1-neither-form", "/v1/models/tabular:predict", {"json": {"rows": []}}, 400,

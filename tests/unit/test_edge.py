@@ -269,3 +269,14 @@ def test_the_example_access_file_parses() -> None:
 
     spec = read_access(Path(__file__).resolve().parents[2] / "examples" / "access.yaml")
     assert spec.grants and spec.quotas and spec.mtls
+
+
+def test_infinite_limits_and_deep_nesting_are_refused(tmp_path: Path) -> None:
+    from inferplane.edge.access import read_access
+
+    with pytest.raises(BadRequest, match=r"quotas\.0\.requests_per_s"):
+        parse_access({"quotas": [{"tenant": "a", "requests_per_s": float("inf")}]})
+    deep = tmp_path / "access.yaml"
+    deep.write_text("[" * 5000 + "]" * 5000)
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        read_access(deep)
