@@ -19,9 +19,11 @@ import asyncio
 import fnmatch
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from prometheus_client.core import CounterMetricFamily, Metric
 
 from inferplane.edge.access import ADMIN, IMPLIED, INFER, READ, AccessSpec, beside, read_access
 from inferplane.edge.identity import Principal
@@ -89,8 +91,11 @@ class Edge:
         self.share = share
         self.state = _Loaded(self.path, share)  # BadRequest on a bad file: serve refuses to start
         self._stamp = _mtimes(self.state.watched(self.path))
-        self._metrics = metrics
-        self._counters: dict[tuple[str, str], Any] = {}
+        # Decisions counted in a plain dict (a Prometheus counter's lock cost more than the rest
+        # of the edge's check) and read by a collector at scrape time.
+        self.counts: dict[tuple[str, str], int] = {}
+        if metrics is not None:
+            metrics.registry.register(_EdgeCollector(self.counts))
         self._principals: dict[str, Principal] = {}  # verified credential -> principal
         self._allowed: dict[tuple[Principal, str, str | None], bool] = {}
 
@@ -303,14 +308,28 @@ class Edge:
 
     # metrics -----------------------------------------------------------------------------------
     def count(self, tenant: str, outcome: str) -> None:
-        if self._metrics is None:
-            return
         key = (tenant, outcome)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self._metrics.edge_requests.labels(tenant, outcome)
-            self._counters[key] = counter
-        counter.inc()
+        counts = self.counts
+        counts[key] = counts.get(key, 0) + 1
+
+
+class _EdgeCollector:
+    def __init__(self, counts: dict[tuple[str, str], int]) -> None:
+        self.counts = counts
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "inferplane_edge_requests",
+            "Requests by tenant and what the edge decided: admitted, rate_limited (quota), "
+            "forbidden (scope or tenant), unauthenticated (tenant empty).",
+            labels=["tenant", "outcome"],
+        )
+        for (tenant, outcome), value in list(self.counts.items()):
+            family.add_metric([tenant, outcome], value)
+        yield family
 
 
 def _covers(patterns: tuple[str, ...] | list[str], target: str | None) -> bool:

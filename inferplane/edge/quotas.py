@@ -101,6 +101,8 @@ class Quotas:
         self.share = share
         self._states: dict[tuple[int, str, str | None], QuotaState] = {}
         self._matching: dict[tuple[str, str], list[tuple[int, Quota]]] = {}
+        # (tenant, target) -> its states: the look-up every request makes
+        self._resolved: dict[tuple[str, str], list[QuotaState]] = {}
 
     def _rules(self, tenant: str, target: str) -> list[tuple[int, Quota]]:
         key = (tenant, target)
@@ -124,6 +126,7 @@ class Quotas:
         if state is None:
             if len(self._states) >= _MAX_STATES:
                 self._states = {k: s for k, s in self._states.items() if s.inflight}
+                self._resolved.clear()  # it may hold states dropped just now
             share = self.share
             requests = rows = None
             if quota.requests_per_s is not None:
@@ -142,10 +145,15 @@ class Quotas:
 
     def admit(self, tenant: str, target: str) -> Lease:
         """A lease on every quota that applies, or TooManyRequests (nothing taken then)."""
-        rules = self._rules(tenant, target)
-        if not rules:
+        key = (tenant, target)
+        states = self._resolved.get(key)
+        if states is None:
+            states = [self._state(i, q, tenant, target) for i, q in self._rules(tenant, target)]
+            if len(self._resolved) >= _MAX_STATES:
+                self._resolved.clear()
+            self._resolved[key] = states
+        if not states:
             return NO_LEASE
-        states = [self._state(i, q, tenant, target) for i, q in rules]
         now = time.monotonic()
         for state in states:
             if state.max_inflight is not None and state.inflight >= state.max_inflight:

@@ -61,13 +61,6 @@ class Metrics:
             "Wall time the event loop polled instead of sleeping after answers (--busy-poll-us).",
             registry=r,
         )
-        self.edge_requests = Counter(
-            "inferplane_edge_requests_total",
-            "Requests by tenant and what the edge decided: admitted, rate_limited (quota), "
-            "forbidden (scope or tenant), unauthenticated (tenant empty).",
-            ["tenant", "outcome"],
-            registry=r,
-        )
         self.inflight = Gauge(
             "inferplane_inflight_requests",
             "Inference requests being handled now (an autoscaling signal).",
