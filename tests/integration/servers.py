@@ -86,6 +86,10 @@ def start_server(
     """A server over `repo`; its audit trail goes to `<log_dir>/audit-<port>.db` unless `args`
     name another `--audit-sink`."""
     http_port, grpc_port = free_port(), (free_port() if grpc else 0)
+    while (
+        grpc_port == http_port
+    ):  # each call's socket is closed again: the same port can come twice
+        grpc_port = free_port()
     log_path = log_dir / f"server-{http_port}.log"
     cmd = [
         sys.executable, "-m", "inferplane", "serve", "--repository", str(repo),
