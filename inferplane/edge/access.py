@@ -162,26 +162,38 @@ def parse_access(doc: Any, where: str = "access file") -> AccessSpec:
     try:
         return AccessSpec.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        place = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        message = first["msg"].removeprefix("Value error, ")
-        raise BadRequest(f"{where}: {place}: {message}") from None
+        raise first_problem(exc, where) from None
+
+
+def first_problem(exc: ValidationError, where: str) -> BadRequest:
+    """The first thing pydantic found wrong in a file, with its place: `where: a.0.b: ...`."""
+    first = exc.errors()[0]
+    place = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    return BadRequest(f"{where}: {place}: {first['msg'].removeprefix('Value error, ')}")
+
+
+def read_yaml(path: Path, what: str, *, missing_ok: bool = False) -> Any:
+    """The YAML document of `path` (None for a missing file when `missing_ok`), or BadRequest
+    saying why it cannot be read; `what` names the file in messages ("access file")."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        if missing_ok:
+            return None
+        raise BadRequest(f"cannot read the {what} {path}: it does not exist") from None
+    except OSError as exc:
+        raise BadRequest(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise BadRequest(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise BadRequest(f"{path}: nested too deeply for the {what}") from None
 
 
 def read_access(path: str | Path) -> AccessSpec:
     """Parse an access file from disk (the keys file it names is read by `keys.KeyStore`)."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise BadRequest(f"cannot read the access file {path}: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BadRequest(f"{path}: not valid YAML: {exc}") from None
-    except RecursionError:  # PyYAML's composer recurses once per nesting level
-        raise BadRequest(f"{path}: nested too deeply to be an access file") from None
-    return parse_access(doc, str(path))
+    return parse_access(read_yaml(Path(path), "access file"), str(path))
 
 
 def beside(access_file: str | Path, name: str) -> Path:

@@ -27,7 +27,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from inferplane.edge.access import SCOPES, _check_scopes
+from inferplane.edge.access import SCOPES, _check_scopes, first_problem, read_yaml
 from inferplane.errors import BadRequest, NotFound, Unauthenticated
 
 PREFIX = "ipk_"
@@ -67,9 +67,7 @@ def parse_keys(doc: Any, where: str) -> dict[str, KeyRecord]:
     try:
         parsed = KeyFile.model_validate(doc)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        place = ".".join(str(p) for p in first["loc"]) or "(top level)"
-        raise BadRequest(f"{where}: {place}: {first['msg']}") from None
+        raise first_problem(exc, where) from None
     records: dict[str, KeyRecord] = {}
     for record in parsed.keys:
         if record.id in records:
@@ -80,19 +78,7 @@ def parse_keys(doc: Any, where: str) -> dict[str, KeyRecord]:
 
 def read_keys(path: Path) -> dict[str, KeyRecord]:
     """The key records of `path` by id; a file that does not exist yet holds none."""
-    try:
-        text = path.read_text()
-    except FileNotFoundError:
-        return {}
-    except OSError as exc:
-        raise BadRequest(f"cannot read the keys file {path}: {exc.strerror or exc}") from None
-    try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise BadRequest(f"{path}: not valid YAML: {exc}") from None
-    except RecursionError:
-        raise BadRequest(f"{path}: nested too deeply to be a keys file") from None
-    return parse_keys(doc, str(path))
+    return parse_keys(read_yaml(path, "keys file", missing_ok=True), str(path))
 
 
 def write_keys(path: Path, records: dict[str, KeyRecord]) -> None:
