@@ -18,12 +18,7 @@ auth costs <= 5 % throughput at c=32; TLS is reported), and writes a CSV under b
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
-import os
-import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +27,7 @@ from pathlib import Path
 
 import host  # sibling modules (benchmarks/ is not a package)
 import httpx
-from traffic_overhead import VENV_BIN, drive
+from traffic_overhead import VENV_BIN, drive, report
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -131,29 +126,7 @@ def main() -> int:
                       f"p50 {figures[1]:.2f} ms  p99 {figures[2]:.2f} ms", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    reference = "plain" if "plain" in results else configs[0]
-    base = statistics.median(x[0] for x in results[reference])
-    rows = []
-    print(
-        f"\nforest (tabular), HTTP/JSON, concurrency {a.concurrency}, median of {a.rounds} rounds"
-    )
-    print(f"{'config':11s} {'infer/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'vs ' + reference:>9s}")
-    for name, runs in results.items():
-        tput = statistics.median(x[0] for x in runs)
-        p50 = statistics.median(x[1] for x in runs)
-        p99 = statistics.median(x[2] for x in runs)
-        rows.append({"config": name, "infer_per_s": round(tput, 1), "p50_ms": p50, "p99_ms": p99,
-                     f"ratio_to_{reference}": round(tput / base, 4)})  # fmt: skip
-        print(f"{name:11s} {tput:9.0f} {p50:7.2f} {p99:7.2f} {tput / base:9.3f}")
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d-%H%M")
-    out = ROOT / "benchmarks" / "results" / f"{stamp}-edge-overhead.csv"
-    machine = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
-    with out.open("w", newline="") as f:
-        f.write(f"# {machine}; concurrency {a.concurrency}; {a.seconds}s x {a.rounds} rounds\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwritten {out.relative_to(ROOT)}")
+    report(results, "plain" if "plain" in results else configs[0], "edge-overhead", a)
     return 0
 
 

@@ -115,6 +115,40 @@ def drive(
     return float(tput.group(1)), int(p50.group(1)) / 1000, int(p99.group(1)) / 1000
 
 
+def report(
+    results: dict[str, list[tuple[float, float, float]]],
+    reference: str,
+    kind: str,
+    a: argparse.Namespace,
+) -> None:
+    """Print the medians per configuration with their ratio to `reference` and write them to
+    benchmarks/results/<stamp>-<kind>.csv (also used by edge_overhead.py)."""
+    base = statistics.median(x[0] for x in results[reference])
+    rows = []
+    print(
+        f"\nforest (tabular), HTTP/JSON, concurrency {a.concurrency}, median of {a.rounds} rounds"
+    )
+    width = max(10, *(len(name) for name in results))
+    vs = f"vs {reference}"
+    print(f"{'config':{width}s} {'infer/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {vs:>9s}")
+    for name, runs in results.items():
+        tput = statistics.median(x[0] for x in runs)
+        p50 = statistics.median(x[1] for x in runs)
+        p99 = statistics.median(x[2] for x in runs)
+        rows.append({"config": name, "infer_per_s": round(tput, 1), "p50_ms": p50, "p99_ms": p99,
+                     f"ratio_to_{reference}": round(tput / base, 4)})  # fmt: skip
+        print(f"{name:{width}s} {tput:9.0f} {p50:7.2f} {p99:7.2f} {tput / base:9.3f}")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d-%H%M")
+    out = ROOT / "benchmarks" / "results" / f"{stamp}-{kind}.csv"
+    machine = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
+    with out.open("w", newline="") as f:
+        f.write(f"# {machine}; concurrency {a.concurrency}; {a.seconds}s x {a.rounds} rounds\n")
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"\nwritten {out.relative_to(ROOT)}")
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,28 +180,7 @@ def main() -> int:
                       f"p50 {figures[1]:.2f} ms  p99 {figures[2]:.2f} ms", flush=True)  # fmt: skip
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    base = statistics.median(x[0] for x in results["plain"])
-    rows = []
-    print(
-        f"\nforest (tabular), HTTP/JSON, concurrency {a.concurrency}, median of {a.rounds} rounds"
-    )
-    print(f"{'config':10s} {'infer/s':>9s} {'p50 ms':>7s} {'p99 ms':>7s} {'vs plain':>8s}")
-    for name, runs in results.items():
-        tput = statistics.median(x[0] for x in runs)
-        p50 = statistics.median(x[1] for x in runs)
-        p99 = statistics.median(x[2] for x in runs)
-        rows.append({"config": name, "infer_per_s": round(tput, 1), "p50_ms": p50, "p99_ms": p99,
-                     "ratio_to_plain": round(tput / base, 4)})  # fmt: skip
-        print(f"{name:10s} {tput:9.0f} {p50:7.2f} {p99:7.2f} {tput / base:8.3f}")
-    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d-%H%M")
-    out = ROOT / "benchmarks" / "results" / f"{stamp}-traffic-overhead.csv"
-    machine = f"{platform.machine()} {os.cpu_count()} cpus, Python {platform.python_version()}"
-    with out.open("w", newline="") as f:
-        f.write(f"# {machine}; concurrency {a.concurrency}; {a.seconds}s x {a.rounds} rounds\n")
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\nwritten {out.relative_to(ROOT)}")
+    report(results, "plain", "traffic-overhead", a)
     return 0
 
 
