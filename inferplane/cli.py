@@ -177,6 +177,44 @@ def serve(
     grpc_max_streams: Annotated[
         int, typer.Option(min=1, help="Concurrent streams per gRPC connection.")
     ] = 128,
+    load: Annotated[
+        str,
+        typer.Option(
+            help="eager: load every version at start; on-demand: load a version on its first "
+            "request (large catalogues; see docs/serving.md 'Many models')."
+        ),
+    ] = "eager",
+    pin_aliases: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--pin-aliases",
+            help="Keep the versions this alias names loaded and never evict them (repeatable, "
+            "or comma-separated), e.g. production.",
+        ),
+    ] = None,
+    memory_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory the loaded models may take, e.g. 4GiB; past it the least recently "
+            "used idle versions are unloaded. Default: no budget."
+        ),
+    ] = None,
+    idle_unload_s: Annotated[
+        float | None,
+        typer.Option(
+            min=0.001,
+            help="Unload a version unused this long (seconds), unless its model.yaml says "
+            "otherwise; the next request loads it again. Default: never.",
+        ),
+    ] = None,
+    cache_dir: Annotated[
+        str | None,
+        typer.Option(help="Local copies of a remote repository's artifacts (shared by processes)."),
+    ] = None,
+    cache_size: Annotated[
+        str | None,
+        typer.Option(help="Trim the artifact cache to this size, least recently used first."),
+    ] = None,
 ) -> None:
     """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
     from inferplane.routing.policy_source import default_services_url, read_policy
@@ -187,6 +225,8 @@ def serve(
     if pickles not in ("warn", "allow", "refuse"):
         raise typer.BadParameter("use warn, allow or refuse", param_hint="--pickles")
     _check_tls(tls_cert, tls_key, tls_client_ca, tls_require_client_cert, http_server)
+    residency = _residency(load, pin_aliases, memory_budget, idle_unload_s)
+    cache_bytes = _size(cache_size, "--cache-size")
     repo = _repo(repository)
     if not repo.exists():
         raise typer.BadParameter(
@@ -236,7 +276,44 @@ def serve(
             max_connections=max_connections,
             max_idle_connections=max_idle_connections,
             grpc_max_streams=grpc_max_streams,
+            residency=residency,
+            cache_dir=cache_dir,
+            cache_size=cache_bytes,
         )
+    )
+
+
+def _size(text: str | None, hint: str) -> int | None:
+    from inferplane.sizes import parse_size
+
+    if text is None:
+        return None
+    try:
+        size = parse_size(text)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint=hint) from None
+    if size <= 0:
+        raise typer.BadParameter("a size above zero", param_hint=hint)
+    return size
+
+
+def _residency(
+    load: str, pin_aliases: list[str] | None, memory_budget: str | None, idle_unload_s: float | None
+) -> Any:
+    from inferplane.engine.residency import LOAD_MODES, ResidencyOptions
+    from inferplane.repository.schema import ALIAS_NAME
+
+    if load not in LOAD_MODES:
+        raise typer.BadParameter(f"use {' or '.join(LOAD_MODES)}", param_hint="--load")
+    aliases = tuple(a.strip() for item in pin_aliases or [] for a in item.split(",") if a.strip())
+    for alias in aliases:
+        if not ALIAS_NAME.match(alias):
+            raise typer.BadParameter(f"{alias!r} is not an alias name", param_hint="--pin-aliases")
+    return ResidencyOptions(
+        load=load,
+        pin_aliases=aliases,
+        memory_budget=_size(memory_budget, "--memory-budget"),
+        idle_unload_s=idle_unload_s,
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from inferplane.context import RequestContext
 from inferplane.edge.validation import validate_inputs
 from inferplane.engine.manager import LoadedVersion, ModelManager
+from inferplane.engine.residency import ResidencyOptions
 from inferplane.errors import BadRequest, InferplaneError, InternalError
 from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
 from inferplane.observability.metrics import Metrics
@@ -215,22 +216,27 @@ def build_in_process(
     audit_payload_sample: float = 0.0,
     strict_readiness: bool = False,
     pickles: str = "warn",
+    residency: ResidencyOptions | None = None,
+    cache_dir: str | None = None,
+    cache_size: int | None = None,
 ) -> tuple[InProcessPredictor, PolicySource]:
     """The server's and the commands' in-process stack: a manager over `repository` (models not
     loaded yet), its predictor with the audit trail (keeping the redacted payload of a share
     `audit_payload_sample` of requests), and where its traffic policy comes from (`services`,
-    default `<repository>/services.yaml` when present)."""
+    default `<repository>/services.yaml` when present). `residency`: eager or on-demand loading,
+    the memory budget; `cache_dir`/`cache_size`: the local copies of a remote repository."""
     if not 0.0 <= audit_payload_sample <= 1.0:
         raise BadRequest(
             f"the audit payload sample must be within [0, 1], got {audit_payload_sample}"
         )
     metrics = Metrics()
     manager = ModelManager(
-        Repository(repository),
+        Repository(repository, cache_dir=cache_dir, cache_size=cache_size),
         metrics,
         list(models) or None,
         strict_readiness=strict_readiness,
         pickles=pickles,  # warn | allow | refuse: see runtimes.base.check_pickles
+        residency=residency or ResidencyOptions(),
     )
     audit = None
     if audit_sink:

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from inferplane.edge.gate import Edge
+from inferplane.engine.residency import ResidencyOptions
 from inferplane.predictor import build_in_process
 from inferplane.protocols import services_rest, v1_rest, v2_rest
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
@@ -59,6 +60,10 @@ class ServerSettings:
     max_connections: int = 4096  # open connections per port; past it new ones are refused
     max_idle_connections: int = 1024  # idle keep-alive connections kept; the oldest close first
     grpc_max_streams: int = 128  # concurrent streams per gRPC connection (SETTINGS advertised)
+    # --- many models (docs/serving.md "Many models") ---
+    residency: ResidencyOptions = field(default_factory=ResidencyOptions)
+    cache_dir: str | None = None  # local copies of remote artifacts; None: <tmp>/inferplane-cache
+    cache_size: int | None = None  # bytes the cache is trimmed to (LRU); None: no limit
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -70,6 +75,9 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         audit_payload_sample=settings.audit_payload_sample,
         strict_readiness=settings.strict_readiness,
         pickles=settings.pickles,
+        residency=settings.residency,
+        cache_dir=settings.cache_dir,
+        cache_size=settings.cache_size,
     )
     manager = predictor.manager
     manager.metrics.inflight.set_function(lambda: manager.inflight)

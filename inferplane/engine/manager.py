@@ -19,6 +19,7 @@ from enum import StrEnum
 import numpy as np
 
 from inferplane.engine.process_runtime import ProcessRuntime, uses_processes
+from inferplane.engine.residency import ResidencyOptions
 from inferplane.engine.scheduler import Scheduler
 from inferplane.engine.stats import ExecutionTiming, VersionStats
 from inferplane.engine.warmup import warm_up
@@ -83,9 +84,11 @@ class ModelManager:
         models: Sequence[str] | None = None,
         strict_readiness: bool = False,
         pickles: str = "warn",
+        residency: ResidencyOptions | None = None,
     ) -> None:
         if pickles not in PICKLE_POLICIES:
             raise ValueError(f"pickles is one of {', '.join(PICKLE_POLICIES)}, not {pickles!r}")
+        self.residency = residency or ResidencyOptions()
         self.pickles = pickles  # what loading a pickled artifact does (runtimes.base.check_pickles)
         self.repository = repository
         self.metrics = metrics

@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from inferplane.errors import BadRequest, RepositoryError
+from inferplane.sizes import parse_size
 from inferplane.tensors import DATATYPE_TO_DTYPE, TensorSpec
 
 RUNTIMES = ("onnx", "sklearn", "xgboost", "lightgbm", "torch", "python")
@@ -201,6 +202,21 @@ class Optimized(BaseModel):
         return v
 
 
+class Resources(BaseModel):
+    """What a version needs from the server, as a hint before it has been measured."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # Resident memory once loaded (bytes, or a size such as "512MiB"). The server's memory budget
+    # admits a version by this figure until a load has measured the real footprint.
+    memory: int | None = None
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v)
+
+
 class ModelConfig(BaseModel):
     """One immutable model version."""
 
@@ -226,6 +242,11 @@ class ModelConfig(BaseModel):
     options: dict[str, Any] = Field(default_factory=dict)
     metadata: dict[str, Any] = Field(default_factory=dict)
     optimized: Optimized | None = None  # set by `models register --optimize`
+    # Residency (docs/serving.md "Many models"): pinned = loaded at start, never evicted;
+    # on_demand = loaded by its first request, evictable. Unset: the server's --load decides.
+    residency: Literal["pinned", "on_demand"] | None = None
+    idle_unload_s: float | None = Field(default=None, gt=0)  # unload after this long unused
+    resources: Resources | None = None
 
     @field_validator("name")
     @classmethod
@@ -277,6 +298,11 @@ class ModelConfig(BaseModel):
                 "set instances: 1, or use thread/process for several instances"
             )
         return self
+
+    @property
+    def memory_hint(self) -> int | None:
+        """`resources.memory` in bytes, when model.yaml gives one."""
+        return self.resources.memory if self.resources is not None else None
 
     @property
     def max_batch_size(self) -> int:

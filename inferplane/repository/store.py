@@ -49,7 +49,9 @@ CLAIM = ".claim"  # a version folder's lock file (see Repository._claim)
 class Repository:
     """Reads and writes model versions and aliases under one root URL."""
 
-    def __init__(self, url: str, cache_dir: str | None = None) -> None:
+    def __init__(
+        self, url: str, cache_dir: str | None = None, cache_size: int | None = None
+    ) -> None:
         self.url = url
         try:
             fs, root = fsspec.core.url_to_fs(url)
@@ -59,6 +61,7 @@ class Repository:
         self.root = root.rstrip("/") if root != "/" else root
         self.is_local = isinstance(fs, LocalFileSystem)
         self._cache_dir = cache_dir
+        self._cache_size = cache_size  # bytes the artifact cache is trimmed to; None: no limit
 
     # paths -------------------------------------------------------------------------------
     # Every path below the root is built by _model_path (a model's folder and what is in it),
