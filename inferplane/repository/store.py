@@ -13,14 +13,24 @@ import os
 import posixpath
 import socket
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import fsspec
 import yaml
 from fsspec.implementations.local import LocalFileSystem
 
-from inferplane.errors import BadRequest, IntegrityError, NotFound, RepositoryError, VersionTaken
+from inferplane.errors import (
+    BadRequest,
+    InferplaneError,
+    IntegrityError,
+    NotFound,
+    RepositoryError,
+    VersionTaken,
+)
+from inferplane.repository.cache import ArtifactCache
 from inferplane.repository.schema import (
     ALIAS_NAME,
     MODEL_YAML,
@@ -44,6 +54,42 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
 
 
 CLAIM = ".claim"  # a version folder's lock file (see Repository._claim)
+_READERS = 32  # model.yaml / aliases.yaml reads in flight at once on a remote store
+
+FetchSource = str  # "local" (read in place), "cache" (a cached copy) or "remote" (downloaded now)
+
+
+@dataclass
+class CatalogueEntry:
+    """What the repository holds for one model: its readable versions (ascending), its aliases,
+    and one message per version (or aliases file) that could not be read."""
+
+    configs: list[ModelConfig] = field(default_factory=list)
+    aliases: dict[str, int] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def versions(self) -> list[int]:
+        return [c.version for c in self.configs]
+
+
+@dataclass
+class _Listing:
+    """What one recursive listing found: model -> version -> model.yaml path, and the models
+    with an aliases.yaml (model -> its path)."""
+
+    versions: dict[str, dict[int, str]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def _version_folder(name: str) -> int | None:
+    """The version a folder name stands for, or None: positive ASCII digits as `str(n)` writes
+    them ("01" would be listed as 1 yet read_config(1) opens "1/"), at most 18 of them."""
+    # "²".isdigit() holds, yet int("²") raises
+    if not (name.isascii() and name.isdigit()) or len(name) > 18:
+        return None
+    number = int(name)
+    return number if number > 0 and str(number) == name else None
 
 
 class Repository:
@@ -62,6 +108,11 @@ class Repository:
         self.is_local = isinstance(fs, LocalFileSystem)
         self._cache_dir = cache_dir
         self._cache_size = cache_size  # bytes the artifact cache is trimmed to; None: no limit
+        # Remote versions are read from a local copy; a local repository is read in place.
+        self.cache: ArtifactCache | None = None
+        if not self.is_local:
+            base = cache_dir or os.path.join(tempfile.gettempdir(), "inferplane-cache")
+            self.cache = ArtifactCache(base, cache_size)
 
     # paths -------------------------------------------------------------------------------
     # Every path below the root is built by _model_path (a model's folder and what is in it),
@@ -95,48 +146,135 @@ class Repository:
         return bool(self.fs.exists(self.root))
 
     def list_models(self) -> list[str]:
-        if not self.fs.exists(self.root):
-            raise RepositoryError(f"repository '{self.url}' does not exist")
-        names = []
-        for entry in self.fs.ls(self.root, detail=True):
-            name = posixpath.basename(entry["name"].rstrip("/"))
-            if (
-                entry["type"] == "directory"
-                and model_name_problem(name) is None
-                and self.list_versions(name)
-            ):
-                names.append(name)
-        return sorted(names)
+        return sorted(self._list(self.root).versions)
 
     def list_versions(self, model: str) -> list[int]:
-        base = self._model_path(model)
-        if not self.fs.exists(base):
-            return []
-        versions = []
-        for entry in self.fs.ls(base, detail=True):
-            name = posixpath.basename(entry["name"].rstrip("/"))
-            if (
-                entry["type"] == "directory"
-                and name.isascii()  # "²".isdigit() holds, yet int("²") raises
-                and name.isdigit()
-                and int(name) > 0
-                and self.fs.exists(self._model_path(model, name, MODEL_YAML))
-            ):
-                versions.append(int(name))
-        return sorted(versions)
+        return sorted(self._list(self._model_path(model)).versions.get(model, {}))
+
+    def _list(self, path: str) -> _Listing:
+        """One recursive listing of `path` (the root or a model's folder): on S3 one paginated
+        ListObjects for the whole tree instead of a request per model and version."""
+        try:
+            found = self.fs.find(path)
+        except FileNotFoundError:
+            found = []
+        finally:
+            self._forget_listings(path)
+        if not found and path == self.root and not self.fs.exists(self.root):
+            raise RepositoryError(f"repository '{self.url}' does not exist")
+        listing = _Listing()
+        prefix = self._root_prefix if self.is_local else self.root.rstrip("/") + "/"
+        for file in found:
+            file = str(file)
+            full = os.path.abspath(file) if self.is_local else file
+            if not full.startswith(prefix):
+                continue
+            parts = full[len(prefix) :].split("/")
+            if model_name_problem(parts[0]) is not None:
+                continue
+            if len(parts) == 2 and parts[1] == ALIASES_YAML:
+                listing.aliases[parts[0]] = file
+            elif len(parts) == 3 and parts[2] == MODEL_YAML:
+                version = _version_folder(parts[1])
+                if version is not None:
+                    listing.versions.setdefault(parts[0], {})[version] = file
+        return listing
+
+    def _forget_listings(self, path: str) -> None:
+        """Drop the filesystem's cached directory listings at and below `path`. s3fs keeps every
+        listing it makes (find fills it for the whole tree) and answers exists/open from it, so a
+        version another process registers later would stay invisible to this one."""
+        cache = getattr(self.fs, "dircache", None)
+        if not cache:
+            return
+        below = path.rstrip("/") + "/"
+        for key in list(cache):
+            if key == path or key.startswith(below):
+                cache.pop(key, None)
+
+    def catalogue(self, models: list[str] | None = None) -> dict[str, CatalogueEntry]:
+        """Every model's readable versions, aliases and problems, from one recursive listing
+        (of the root, or of each named model's folder) and one concurrent read of all the
+        model.yaml and aliases.yaml files: the cost of a start-up no longer grows with a round
+        trip per model and version.
+
+        The rules are those of list_models, list_versions, read_config and aliases: a version
+        exists once its model.yaml does; a model.yaml that does not parse, or whose name or
+        version disagrees with its folder, takes out that version only (a message in
+        `problems`), a broken aliases.yaml only the aliases. With `models`, a name that is no
+        model name, or a model without versions, is an entry with no configs and a problem.
+        """
+        if models is None:
+            listing = self._list(self.root)
+            names = sorted(listing.versions)
+        else:
+            listing, names = _Listing(), list(dict.fromkeys(models))
+            for name in names:
+                if model_name_problem(name) is None:
+                    found = self._list(self._model_path(name))
+                    listing.versions.update(found.versions)
+                    listing.aliases.update(found.aliases)
+        paths = [p for n in names for p in listing.versions.get(n, {}).values()]
+        paths += [listing.aliases[n] for n in names if n in listing.aliases]
+        texts = self._read_many(paths)
+        out: dict[str, CatalogueEntry] = {}
+        for name in names:
+            entry = out[name] = CatalogueEntry()
+            problem = model_name_problem(name)
+            versions = listing.versions.get(name, {})
+            if problem is not None or not versions:
+                entry.problems.append(problem or f"unknown model '{name}' in {self.url}")
+                continue
+            for version, path in sorted(versions.items()):
+                try:
+                    entry.configs.append(self._parse_config(name, version, texts[path]))
+                except InferplaneError as exc:
+                    entry.problems.append(f"version {version}: {exc.message}")
+            if name in listing.aliases:
+                try:
+                    entry.aliases = self._parse_aliases(name, texts[listing.aliases[name]])
+                except InferplaneError as exc:
+                    entry.problems.append(exc.message)
+        return out
+
+    def _read_many(self, paths: list[str]) -> dict[str, bytes | InferplaneError]:
+        """Each file's bytes, or the RepositoryError reading it raised (the others still read)."""
+
+        def read(path: str) -> bytes | InferplaneError:
+            try:
+                return bytes(self.fs.cat_file(path))
+            except FileNotFoundError:  # deleted since the listing
+                return RepositoryError(f"{path}: gone since the listing")
+            except OSError as exc:
+                return RepositoryError(f"cannot read {path}: {exc}")
+
+        if self.is_local or len(paths) < 2:
+            return {p: read(p) for p in paths}
+        with ThreadPoolExecutor(min(_READERS, len(paths))) as pool:
+            return dict(zip(paths, pool.map(read, paths), strict=True))
 
     def read_config(self, model: str, version: int) -> ModelConfig:
         path = posixpath.join(self.version_path(model, version), MODEL_YAML)
         try:
-            with self.fs.open(path, "rb") as fh:
-                text = fh.read().decode("utf-8")
+            # cat_file, not open: s3fs's open asks its listing cache first, which may predate
+            # this version.
+            data = self.fs.cat_file(path)
         except FileNotFoundError:
             raise NotFound(f"model '{model}' has no version {version}") from None
-        config = ModelConfig.from_yaml(text, f"{model}/{version}/{MODEL_YAML}")
+        return self._parse_config(model, version, data)
+
+    @staticmethod
+    def _parse_config(model: str, version: int, data: bytes | InferplaneError) -> ModelConfig:
+        if isinstance(data, InferplaneError):
+            raise data
+        where = f"{model}/{version}/{MODEL_YAML}"
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise RepositoryError(f"{where}: not UTF-8 text") from None
+        config = ModelConfig.from_yaml(text, where)
         if config.name != model or config.version != version:
-            raise RepositoryError(
-                f"{model}/{version}/{MODEL_YAML} says {config.name} version {config.version}"
-            )
+            raise RepositoryError(f"{where} says {config.name} version {config.version}")
         return config
 
     def iter_configs(self, models: list[str] | None = None) -> Iterator[ModelConfig]:
@@ -147,10 +285,16 @@ class Repository:
     # aliases -----------------------------------------------------------------------------
     def aliases(self, model: str) -> dict[str, int]:
         path = self._model_path(model, ALIASES_YAML)
-        if not self.fs.exists(path):
+        try:
+            data = self.fs.cat_file(path)
+        except FileNotFoundError:
             return {}
-        with self.fs.open(path, "rb") as fh:
-            text = fh.read()
+        return self._parse_aliases(model, data)
+
+    @staticmethod
+    def _parse_aliases(model: str, text: bytes | InferplaneError) -> dict[str, int]:
+        if isinstance(text, InferplaneError):
+            raise text
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
@@ -258,37 +402,53 @@ class Repository:
 
     # loading -----------------------------------------------------------------------------
     def fetch(self, config: ModelConfig) -> str:
-        """A local folder holding the version's files: the folder itself on local disk, else a
-        cache copy; cached files are reused only when their sha256 matches model.yaml."""
+        """`fetch_with_source` without the source."""
+        return self.fetch_with_source(config)[0]
+
+    def fetch_with_source(self, config: ModelConfig) -> tuple[str, FetchSource]:
+        """(a local folder holding the version's files, where they came from).
+
+        The folder is verified: every file matches model.yaml's sha256 when this returns
+        (IntegrityError otherwise), so a caller need not call `verify` again. From a local
+        repository: the version folder itself, read in place ("local"). From a remote one: a
+        copy in the machine's artifact cache (`self.cache`), reused when it passes the check
+        ("cache"), else downloaded, checked and then published ("remote"); a cached copy that
+        fails the check is dropped and downloaded once more, so a corrupted cache heals.
+        Safe to call from several threads at once.
+        """
         vdir = self.version_path(config.name, config.version)
-        if self.is_local:
-            return vdir
-        base = self._cache_dir or os.path.join(tempfile.gettempdir(), "inferplane-cache")
-        key = hashlib.sha256(self.url.encode()).hexdigest()[:16]
-        local = os.path.join(base, key, config.name, str(config.version))
-        for rel in config.sha256:
-            src, dest = posixpath.join(vdir, rel), os.path.join(local, rel)
-            try:
-                size = self.fs.size(src)
-            except FileNotFoundError:
-                raise IntegrityError(
-                    f"{config.name} v{config.version}: artifact file '{rel}' is missing"
-                ) from None
-            if (
-                os.path.exists(dest)
-                and os.path.getsize(dest) == size
-                and sha256_file(LocalFileSystem(), dest) == config.sha256[rel]
-            ):
-                continue
-            os.makedirs(os.path.dirname(dest), exist_ok=True)
-            tmp = f"{dest}.part-{os.getpid()}"
-            self.fs.get_file(src, tmp)
-            os.replace(tmp, dest)  # a crashed download never looks like a cached copy
-        return local
+        if self.cache is None:
+            verify(config, vdir)
+            return vdir, "local"
+        check_recorded(config)  # before any download: without a sha256 nothing could pass
+        local, cached = self.cache.get(
+            ArtifactCache.key(config.sha256),
+            fill=self._downloader(config, vdir),
+            check=lambda folder: verify(config, folder),
+        )
+        return local, "cache" if cached else "remote"
+
+    def _downloader(self, config: ModelConfig, vdir: str) -> Callable[[str], int]:
+        def download(dest: str) -> int:
+            written = 0
+            for rel in sorted(config.sha256):
+                target = os.path.join(dest, rel)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                try:
+                    self.fs.get_file(posixpath.join(vdir, rel), target)
+                except FileNotFoundError:
+                    raise IntegrityError(
+                        f"{config.name} v{config.version}: artifact file '{rel}' is missing"
+                    ) from None
+                written += os.path.getsize(target)
+            return written
+
+        return download
 
 
-def verify(config: ModelConfig, local_dir: str) -> None:
-    """Raise IntegrityError unless every recorded artifact file in `local_dir` matches its sha256."""
+def check_recorded(config: ModelConfig) -> None:
+    """IntegrityError unless model.yaml records a sha256 for the artifact (the first check of
+    `verify`, which needs no files)."""
     artifact = config.artifact.rstrip("/")
     if artifact not in config.sha256 and not any(
         k.startswith(artifact + "/") for k in config.sha256
@@ -297,6 +457,11 @@ def verify(config: ModelConfig, local_dir: str) -> None:
             f"{config.name} v{config.version}: model.yaml records no sha256 for artifact "
             f"'{config.artifact}'"
         )
+
+
+def verify(config: ModelConfig, local_dir: str) -> None:
+    """Raise IntegrityError unless every recorded artifact file in `local_dir` matches its sha256."""
+    check_recorded(config)
     local = LocalFileSystem()
     for rel, expected in config.sha256.items():
         path = os.path.join(local_dir, rel)

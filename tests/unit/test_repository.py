@@ -275,10 +275,20 @@ def test_verify_rejects_tampered_artifact(
     assert "tampered" in message
 
 
-def test_verify_rejects_tampered_artifact_after_earlier_fetch(repo: Repository, onnx4: str) -> None:
+def test_verify_rejects_tampered_artifact_after_earlier_fetch(
+    repo: Repository, onnx4: str, tmp_path: Path
+) -> None:
+    """The cache is keyed by model.yaml's sha256: a cached copy that still matches it is the
+    registered artifact and keeps serving; the tampered bytes are refused wherever they are
+    read, in place (local repository) or by any download (another machine's cache)."""
     config = register(repo, "fraud", onnx4)
     verify(config, repo.fetch(config))  # cache warm (remote)
     put(repo, stored(repo, "fraud", 1, "model.onnx"), Path(onnx4).read_bytes() + b"x")
+    if not repo.is_local:
+        local, source = repo.fetch_with_source(config)
+        assert source == "cache"
+        assert Path(local, "model.onnx").read_bytes() == Path(onnx4).read_bytes()
+        repo = fresh(repo, tmp_path, "elsewhere")
     with pytest.raises(IntegrityError, match=r"sha256 of 'model\.onnx'"):
         verify(config, repo.fetch(config))
 
