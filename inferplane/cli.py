@@ -449,6 +449,24 @@ def register_cmd(
         float,
         typer.Option(help="With --optimize: relative difference accepted on top (default 0)."),
     ] = 0.0,
+    residency: Annotated[
+        str | None,
+        typer.Option(
+            help="pinned (loaded at start, never evicted) or on_demand (loaded by its first "
+            "request, evictable); default: the server's --load decides."
+        ),
+    ] = None,
+    idle_unload_s: Annotated[
+        float | None,
+        typer.Option(help="Unload this version after this many seconds without a request."),
+    ] = None,
+    memory: Annotated[
+        str | None,
+        typer.Option(
+            help="Memory the loaded version needs, e.g. 512MiB: the memory budget counts this "
+            "until a load has measured it."
+        ),
+    ] = None,
 ) -> None:
     """Copy ARTIFACT into the repository as the next version of NAME."""
     from inferplane.repository.optimize import OptimizeOptions
@@ -482,6 +500,9 @@ def register_cmd(
             if optimize
             else None
         ),
+        residency=residency,
+        idle_unload_s=idle_unload_s,
+        memory=memory,
     )
     for a in alias or []:
         repo.set_alias(name, a, config.version)

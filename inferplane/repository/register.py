@@ -76,6 +76,9 @@ def register(
     metadata: dict[str, Any] | None = None,
     version: int | None = None,
     optimize: OptimizeOptions | None = None,
+    residency: str | None = None,
+    idle_unload_s: float | None = None,
+    memory: int | str | None = None,
 ) -> ModelConfig:
     """Add `artifact` (a file, or a folder for multi-file models) as the next version of `name`.
 
@@ -83,6 +86,9 @@ def register(
     against the original (`repository.optimize`): both artifacts are stored, `optimized` in
     model.yaml says which one serves, and `metadata.optimization` holds the check's figures or the
     reason the original serves as it is.
+
+    `residency` (pinned or on_demand), `idle_unload_s` and `memory` (bytes, or a size such as
+    "512MiB": `resources.memory`) go into model.yaml as given; unset, the server decides.
     """
     check_model_name(name)  # before anything opens the artifact
     art_name, files = _collect_files(artifact)
@@ -118,6 +124,9 @@ def register(
         instance_kind=instance_kind,
         device=device,
         options=options or {},
+        residency=residency,
+        idle_unload_s=idle_unload_s,
+        resources=None if memory is None else {"memory": memory},
         metadata={
             "created_at": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
             **(metadata or {}),

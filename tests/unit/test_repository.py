@@ -723,3 +723,59 @@ def test_model_yaml_cannot_point_outside_its_version(
     path.write_text(yaml.safe_dump(doc))
     with pytest.raises(RepositoryError, match=f"{field}"):
         repo.read_config("fraud", 1)
+
+
+# --- residency fields from `models register` ----------------------------------------------
+
+
+def test_register_records_residency_idle_unload_and_memory(repo: Repository, onnx4: str) -> None:
+    config = register(
+        repo, "fraud", onnx4, residency="on_demand", idle_unload_s=30.5, memory="512MiB"
+    )
+    read = repo.read_config("fraud", config.version)
+    assert read.residency == "on_demand"
+    assert read.idle_unload_s == 30.5
+    assert read.memory_hint == 512 * 1024**2
+    plain = register(repo, "fraud", onnx4)
+    text = repo.fs.cat_file(posixpath.join(repo.version_path("fraud", plain.version), "model.yaml"))
+    doc = yaml.safe_load(text)
+    assert not {"residency", "idle_unload_s", "resources"} & set(doc)  # unset: the server decides
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"residency": "always"}, "residency: Input should be 'pinned' or 'on_demand'"),
+        ({"idle_unload_s": 0.0}, "idle_unload_s: Input should be greater than 0"),
+        ({"memory": "lots"}, "resources.memory: .*'lots' is not a size"),
+    ],
+)
+def test_register_refuses_bad_residency_settings_before_writing(
+    repo: Repository, onnx4: str, settings: dict[str, object], says: str
+) -> None:
+    with pytest.raises(RepositoryError, match=says):
+        register(repo, "fraud", onnx4, **settings)  # type: ignore[arg-type]
+    assert repo.list_versions("fraud") == []
+
+
+def test_models_register_command_writes_residency_fields(onnx4: str, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from inferplane.cli import app
+
+    root = str(tmp_path / "repo")
+    args = ["models", "register", "fraud", onnx4, "-r", root]
+    extra = ["--residency", "pinned", "--idle-unload-s", "120", "--memory", "1.5G"]
+    result = CliRunner().invoke(app, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    config = Repository(root).read_config("fraud", 1)
+    assert (config.residency, config.idle_unload_s, config.memory_hint) == (
+        "pinned",
+        120.0,
+        15 * 10**8,
+    )
+
+    bad = CliRunner().invoke(app, [*args, "--residency", "sometimes"])
+    assert bad.exit_code == 2
+    assert "residency" in bad.output and "Traceback" not in bad.output
+    assert Repository(root).list_versions("fraud") == [1]
