@@ -16,7 +16,9 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import yaml
@@ -80,6 +82,22 @@ class _Listing:
 
     versions: dict[str, dict[int, str]] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
+    tags: dict[str, str] = field(default_factory=dict)  # path -> a tag that changes with content
+
+    def merge(self, other: _Listing) -> None:
+        self.versions.update(other.versions)
+        self.aliases.update(other.aliases)
+        self.tags.update(other.tags)
+
+
+# Listing fields that change whenever an object's bytes do (S3/Azure ETag, GCS md5Hash and
+# generation); times are not among them: a rewrite within a clock tick would keep its time.
+_CONTENT_TAGS = ("ETag", "etag", "md5Hash", "generation")
+
+
+def _content_tag(info: dict[str, Any]) -> str | None:
+    parts = [str(info[k]) for k in _CONTENT_TAGS if info.get(k)]
+    return f"{info.get('size')}:{':'.join(parts)}" if parts else None
 
 
 def _version_folder(name: str) -> int | None:
@@ -110,6 +128,10 @@ class Repository:
         self._cache_size = cache_size  # bytes the artifact cache is trimmed to; None: no limit
         # Remote versions are read from a local copy; a local repository is read in place.
         self.cache: ArtifactCache | None = None
+        # What a catalogue made of each model.yaml (a ModelConfig) and aliases.yaml (a dict), by
+        # path, with the content tag the listing gave the file: the next catalogue reads and
+        # parses only what changed (remote stores only; a local read costs next to nothing).
+        self._parsed: dict[str, tuple[str, Any]] = {}
         if not self.is_local:
             base = cache_dir or os.path.join(tempfile.gettempdir(), "inferplane-cache")
             self.cache = ArtifactCache(base, cache_size)
@@ -151,20 +173,38 @@ class Repository:
     def list_versions(self, model: str) -> list[int]:
         return sorted(self._list(self._model_path(model)).versions.get(model, {}))
 
+    def index(self, models: list[str] | None = None) -> dict[str, list[int]]:
+        """Model -> its versions (ascending), from the listing alone: no file is read, so this is
+        what a server can show at once while `catalogue` reads the model.yaml files. A version
+        listed here may still turn out unreadable. With `models`, only those (each one's folder
+        listed once; a name that is no model name, or has no version, is left out)."""
+        listing, names = self._listing(models)
+        return {n: sorted(listing.versions[n]) for n in names if n in listing.versions}
+
+    def _listing(self, models: list[str] | None) -> tuple[_Listing, list[str]]:
+        if models is None:
+            listing = self._list(self.root)
+            return listing, sorted(listing.versions)
+        listing, names = _Listing(), list(dict.fromkeys(models))
+        for name in names:
+            if model_name_problem(name) is None:
+                listing.merge(self._list(self._model_path(name)))
+        return listing, names
+
     def _list(self, path: str) -> _Listing:
         """One recursive listing of `path` (the root or a model's folder): on S3 one paginated
         ListObjects for the whole tree instead of a request per model and version."""
         try:
-            found = self.fs.find(path)
+            found: dict[str, dict[str, Any]] = self.fs.find(path, detail=True)
         except FileNotFoundError:
-            found = []
+            found = {}
         finally:
             self._forget_listings(path)
         if not found and path == self.root and not self.fs.exists(self.root):
             raise RepositoryError(f"repository '{self.url}' does not exist")
         listing = _Listing()
         prefix = self._root_prefix if self.is_local else self.root.rstrip("/") + "/"
-        for file in found:
+        for file, info in found.items():
             file = str(file)
             full = os.path.abspath(file) if self.is_local else file
             if not full.startswith(prefix):
@@ -176,8 +216,14 @@ class Repository:
                 listing.aliases[parts[0]] = file
             elif len(parts) == 3 and parts[2] == MODEL_YAML:
                 version = _version_folder(parts[1])
-                if version is not None:
-                    listing.versions.setdefault(parts[0], {})[version] = file
+                if version is None:
+                    continue
+                listing.versions.setdefault(parts[0], {})[version] = file
+            else:
+                continue
+            tag = None if self.is_local else _content_tag(info)
+            if tag is not None:
+                listing.tags[file] = tag
         return listing
 
     def _forget_listings(self, path: str) -> None:
@@ -203,20 +249,31 @@ class Repository:
         version disagrees with its folder, takes out that version only (a message in
         `problems`), a broken aliases.yaml only the aliases. With `models`, a name that is no
         model name, or a model without versions, is an entry with no configs and a problem.
+
+        On a remote store, a second catalogue reads and parses only the files whose listing tag
+        (ETag) changed; the ModelConfig objects it returns are then the same objects as before,
+        so treat them as read-only (they describe immutable versions).
         """
-        if models is None:
-            listing = self._list(self.root)
-            names = sorted(listing.versions)
-        else:
-            listing, names = _Listing(), list(dict.fromkeys(models))
-            for name in names:
-                if model_name_problem(name) is None:
-                    found = self._list(self._model_path(name))
-                    listing.versions.update(found.versions)
-                    listing.aliases.update(found.aliases)
+        listing, names = self._listing(models)
         paths = [p for n in names for p in listing.versions.get(n, {}).values()]
         paths += [listing.aliases[n] for n in names if n in listing.aliases]
-        texts = self._read_many(paths)
+
+        def known(path: str) -> tuple[str, Any] | None:
+            hit = self._parsed.get(path)
+            return hit if hit is not None and hit[0] == listing.tags.get(path) else None
+
+        texts = self._read_many([p for p in paths if known(p) is None])
+
+        def parsed(path: str, parse: Callable[[bytes | InferplaneError], Any]) -> Any:
+            hit = known(path)
+            if hit is not None:
+                return hit[1]
+            value = parse(texts[path])  # errors are not kept: the next catalogue says them again
+            tag = listing.tags.get(path)
+            if tag is not None:
+                self._parsed[path] = (tag, value)
+            return value
+
         out: dict[str, CatalogueEntry] = {}
         for name in names:
             entry = out[name] = CatalogueEntry()
@@ -227,12 +284,13 @@ class Repository:
                 continue
             for version, path in sorted(versions.items()):
                 try:
-                    entry.configs.append(self._parse_config(name, version, texts[path]))
+                    entry.configs.append(parsed(path, partial(self._parse_config, name, version)))
                 except InferplaneError as exc:
                     entry.problems.append(f"version {version}: {exc.message}")
             if name in listing.aliases:
                 try:
-                    entry.aliases = self._parse_aliases(name, texts[listing.aliases[name]])
+                    aliases = parsed(listing.aliases[name], partial(self._parse_aliases, name))
+                    entry.aliases = dict(aliases)
                 except InferplaneError as exc:
                     entry.problems.append(exc.message)
         return out

@@ -500,3 +500,36 @@ def test_losing_the_publish_race_uses_the_winners_copy(tmp_path: Path) -> None:
     assert (path, cached) == (cache.entry_path(key), False)
     assert Path(path, "blob").read_bytes() == b"theirs"
     assert [p.name for p in Path(cache.directory).iterdir() if p.name.startswith(".tmp")] == []
+
+
+def test_index_lists_versions_without_reading_a_file(
+    repo: Repository, onnx4: str, onnx8: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    mixed(repo, onnx4, onnx8)
+    monkeypatch.setattr(repo.fs, "cat_file", None)  # any read would fail
+    assert repo.index() == {"churn": [1, 7], "fraud": [1, 2, 3], "solo": [1]}
+    assert repo.index(["solo", "absent", "../up"]) == {"solo": [1]}
+
+
+@pytest.mark.s3
+def test_a_second_catalogue_reads_only_what_changed(
+    moto_s3: object, tmp_path: Path, onnx4: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = s3_repo(moto_s3, tmp_path)
+    for name in ("a", "b", "c"):
+        register(repo, name, onnx4)
+    repo.set_alias("a", "production", 1)
+    first = repo.catalogue()
+    reads: list[str] = []
+    real = repo.fs.cat_file
+    monkeypatch.setattr(repo.fs, "cat_file", lambda p, **kw: reads.append(p) or real(p, **kw))
+    assert repo.catalogue() == first
+    assert reads == []
+    # Rewritten behind the repository's back: its listing tag changes, so it is read again.
+    path = posixpath.join(repo.version_path("b", 1), "model.yaml")
+    repo.fs.pipe_file(path, b"name: [unclosed\n")
+    register(repo, "a", onnx4)
+    again = repo.catalogue()
+    assert sorted(reads) == sorted([path, posixpath.join(repo.version_path("a", 2), "model.yaml")])
+    assert again["a"].versions == [1, 2]
+    assert again["b"].configs == [] and "not valid YAML" in again["b"].problems[0]
