@@ -538,18 +538,43 @@ def register_cmd(
 
 @models_app.command("list")
 @one_line_errors
-def list_cmd(repository: RepositoryOpt = "./models") -> None:
-    """A table of models, their versions and aliases."""
+def list_cmd(
+    repository: RepositoryOpt = "./models",
+    server: Annotated[
+        str | None,
+        typer.Option(
+            help="A running server's URL: list what it holds in memory (state, footprint) "
+            "instead of the repository."
+        ),
+    ] = None,
+) -> None:
+    """A table of models, their versions and aliases (or, with --server, their residency)."""
+    if server is not None:
+        from inferplane.engine.residency_command import (
+            fetch_residency,
+            residency_table,
+            summary_line,
+        )
+
+        report = fetch_residency(server)
+        console.print(residency_table(report, f"models in {server}"))
+        console.print(summary_line(report), highlight=False)
+        return
     repo = _repo(repository)
     table = Table(title=f"models in {repository}")
     for col in ("model", "versions", "latest", "runtime", "aliases"):
         table.add_column(col)
-    for name in repo.list_models():
-        versions = repo.list_versions(name)
-        latest = repo.read_config(name, versions[-1])
-        aliases = ", ".join(f"{a}→{v}" for a, v in repo.aliases(name).items())
+    for name, item in sorted(repo.catalogue().items()):
+        if not item.configs:
+            continue
+        versions = [c.version for c in item.configs]
+        aliases = ", ".join(f"{a}→{v}" for a, v in item.aliases.items())
         table.add_row(
-            name, ", ".join(map(str, versions)), str(versions[-1]), latest.runtime, aliases
+            name,
+            ", ".join(map(str, versions)),
+            str(versions[-1]),
+            item.configs[-1].runtime,
+            aliases,
         )
     console.print(table)
 
@@ -562,6 +587,10 @@ def show_cmd(
         str | None, typer.Option(help="Version number or alias; default: production/latest.")
     ] = None,
     repository: RepositoryOpt = "./models",
+    server: Annotated[
+        str | None,
+        typer.Option(help="A running server's URL: add what it measured (footprint, loads)."),
+    ] = None,
 ) -> None:
     """One version's signature, settings, checksums and metadata."""
     repo = _repo(repository)
@@ -591,6 +620,20 @@ def show_cmd(
         table.add_row("sha256", f"{file}  {digest}")
     for key, value in config.metadata.items():
         table.add_row(f"metadata.{key}", str(value))
+    if config.residency or config.idle_unload_s or config.memory_hint:
+        table.add_row(
+            "residency",
+            f"{config.residency or 'server default'}; idle_unload_s "
+            f"{config.idle_unload_s or '-'}; memory hint {config.memory_hint or '-'}",
+        )
+    if server is not None:
+        from inferplane.engine.residency_command import fetch_residency, footprint_rows
+
+        rows = fetch_residency(server, name)["versions"]
+        for row in rows:
+            if row["version"] == str(config.version):
+                for field_name, value in footprint_rows(row):
+                    table.add_row(f"server: {field_name}", value)
     console.print(table)
 
 

@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 
+def retry_after(seconds: float) -> tuple[bytes, bytes]:
+    """The Retry-After header: whole seconds (RFC 9110 10.2.3), rounded up so that a client
+    never retries early."""
+    return (b"retry-after", str(max(1, int(-(-seconds // 1)))).encode())
+
+
 class InferplaneError(Exception):
     """Base class: carries the HTTP status the protocols answer with."""
 
@@ -60,9 +66,7 @@ class TooManyRequests(InferplaneError):
         self.retry_after_s = retry_after_s
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
-        # Retry-After takes whole seconds (RFC 9110 10.2.3): round up so a client never retries early.
-        seconds = max(1, int(-(-self.retry_after_s // 1)))
-        return [(b"retry-after", str(seconds).encode())]
+        return [retry_after(self.retry_after_s)]
 
 
 class PayloadTooLarge(InferplaneError):
@@ -71,10 +75,18 @@ class PayloadTooLarge(InferplaneError):
 
 
 class Unavailable(InferplaneError):
-    """Model loading, not ready, or the server is overloaded."""
+    """Model loading, not ready, or the server is overloaded; `retry_after_s`, when known, says
+    when trying again can help (a failed load's back-off)."""
 
     status = 503
     grpc_code = "UNAVAILABLE"
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def response_headers(self) -> list[tuple[bytes, bytes]]:
+        return [] if self.retry_after_s is None else [retry_after(self.retry_after_s)]
 
 
 class Overloaded(Unavailable):

@@ -18,7 +18,7 @@ import numpy as np
 
 from inferplane.context import RequestContext
 from inferplane.edge.validation import validate_inputs
-from inferplane.engine.manager import LoadedVersion, ModelManager
+from inferplane.engine.manager import LoadedVersion, ModelManager, State
 from inferplane.engine.residency import ResidencyOptions
 from inferplane.errors import BadRequest, InferplaneError, InternalError
 from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
@@ -176,6 +176,9 @@ class InProcessPredictor:
         started = time.perf_counter_ns()
         ok = False
         try:
+            if lv.state is not State.READY:
+                # On demand, evicted or idle-unloaded: the request waits for its load.
+                await self.manager.activate(lv, deadline)
             result = await self.manager.infer(
                 lv,
                 dict(inputs),

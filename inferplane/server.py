@@ -20,7 +20,7 @@ from starlette.responses import Response
 from inferplane.edge.gate import Edge
 from inferplane.engine.residency import ResidencyOptions
 from inferplane.predictor import build_in_process
-from inferplane.protocols import services_rest, v1_rest, v2_rest
+from inferplane.protocols import models_rest, services_rest, v1_rest, v2_rest
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.http_protocol import HttpLimits, v2_http_protocol
@@ -97,7 +97,11 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Load in the background: /v2/health/live answers at once, /ready once models are warm.
-        tasks = [asyncio.create_task(_start(deps))]
+        tasks = [
+            asyncio.create_task(_start(deps)),
+            # idle_unload_s: versions unused that long are unloaded (scale to zero per model)
+            asyncio.create_task(deps.manager.housekeeping()),
+        ]
         if deps.edge is not None:
             tasks.append(asyncio.create_task(deps.edge.watch()))  # keys, grants, quotas, JWKS
         yield
@@ -106,7 +110,10 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
         await deps.predictor.aclose()
 
     routes = (
-        v2_rest.build_routes(deps) + v1_rest.build_routes(deps) + services_rest.build_routes(deps)
+        v2_rest.build_routes(deps)
+        + v1_rest.build_routes(deps)
+        + services_rest.build_routes(deps)
+        + models_rest.build_routes(deps)
     )
     return InferEndpoint(
         deps,

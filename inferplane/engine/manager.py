@@ -1,9 +1,16 @@
 """The model manager: which versions are loaded, their state, and running them off the event loop.
 
-Loading a version = fetch artifact -> verify sha256 -> the --pickles policy -> runtime.load ->
-warm-up -> READY. A version that fails any step is UNAVAILABLE with the reason, and every other
-model keeps serving. Model code runs in each version's Scheduler (its instance threads, with
-batching), never on the event loop.
+Loading a version = fetch artifact -> verify sha256 -> the --pickles policy -> admission under the
+memory budget -> runtime.load -> warm-up -> READY. A version that fails any step is FAILED with the
+reason, retried by a later request after a back-off, and every other model keeps serving. Model
+code runs in each version's Scheduler (its instance threads, with batching), never on the event
+loop.
+
+Residency (docs/serving.md "Many models"): a version is loaded at start (eager mode, or pinned) or
+by its first request (on-demand); concurrent requests share one load and wait for it within their
+deadline. Each loaded version counts against the memory budget by its measured footprint; a load
+that does not fit evicts the least recently used idle, unpinned versions, and a version unused for
+its `idle_unload_s` is unloaded. Evicted versions come back on their next request.
 """
 
 from __future__ import annotations
@@ -12,18 +19,28 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Any
 
 import numpy as np
 
+from inferplane.engine.footprint import children_bytes, return_free_memory, rss_bytes
 from inferplane.engine.process_runtime import ProcessRuntime, uses_processes
-from inferplane.engine.residency import ResidencyOptions
+from inferplane.engine.residency import (
+    EAGER,
+    BudgetExhausted,
+    ResidencyOptions,
+    Resident,
+    next_backoff,
+    plan_admission,
+)
 from inferplane.engine.scheduler import Scheduler
 from inferplane.engine.stats import ExecutionTiming, VersionStats
 from inferplane.engine.warmup import warm_up
 from inferplane.errors import (
+    DeadlineExceeded,
     InferplaneError,
     InternalError,
     NotFound,
@@ -34,27 +51,58 @@ from inferplane.repository.schema import ModelConfig, check_model_name
 from inferplane.repository.store import Repository, verify
 from inferplane.runtimes import Runtime, create_runtime
 from inferplane.runtimes.base import PICKLE_POLICIES, check_pickles
+from inferplane.sizes import format_size
 
 log = logging.getLogger("inferplane.engine")
 
 
 class State(StrEnum):
+    UNLOADED = "UNLOADED"  # known from model.yaml, not in memory (on-demand, or unloaded)
     LOADING = "LOADING"
     READY = "READY"
-    UNAVAILABLE = "UNAVAILABLE"  # failed to load; `reason` says why
-    UNLOADED = "UNLOADED"
+    EVICTED = "EVICTED"  # unloaded by the memory budget or idleness; its next request reloads it
+    FAILED = "FAILED"  # the last load failed; `reason` says why (Triton calls it UNAVAILABLE)
+
+
+# Why a version was loaded: the `reason` label of inferplane_model_loads_total.
+STARTUP, FIRST_USE, AFTER_EVICTION, AFTER_IDLE, AFTER_UNLOAD, AFTER_FAILURE, EXPLICIT = (
+    "startup",
+    "first_use",
+    "after_eviction",
+    "after_idle",
+    "after_unload",
+    "after_failure",
+    "explicit",
+)
+MEMORY, IDLE = "memory", "idle"  # why a version was evicted
 
 
 @dataclass(eq=False)
 class LoadedVersion:
     config: ModelConfig
-    state: State = State.LOADING
+    state: State = State.UNLOADED
     reason: str = ""
     runtime: Runtime | None = None
     scheduler: Scheduler | None = None
     stats: VersionStats = field(default_factory=VersionStats)
     platform: str = ""
     observe: VersionMetrics | None = None
+    # --- residency ---
+    pinned: bool = False  # model.yaml `residency: pinned` or a --pin-aliases alias: never evicted
+    held: bool = False  # loaded by the repository API: kept until it unloads it
+    loadable: bool = True  # False after an explicit unload of a version that is not on-demand
+    idle_unload_s: float | None = None
+    footprint: int | None = None  # bytes its last load measured
+    reserved: int = 0  # bytes it counts against the budget now
+    last_used: float = 0.0  # time.monotonic() of its last request
+    waiters: int = 0  # requests waiting for its load
+    load_task: asyncio.Task[None] | None = None
+    next_reason: str = FIRST_USE  # the reason label of its next load
+    failures: int = 0  # failed loads in a row
+    retry_at: float = 0.0  # no new load before this time.monotonic()
+    loads: int = 0
+    load_seconds: float = 0.0
+    load_source: str = ""  # local | cache | remote
 
     @property
     def name(self) -> str:
@@ -63,6 +111,33 @@ class LoadedVersion:
     @property
     def version(self) -> str:
         return str(self.config.version)
+
+    @property
+    def busy(self) -> bool:
+        """Requests queued, running or waiting for its load: never evicted then."""
+        if self.waiters:
+            return True
+        s = self.scheduler
+        return s is not None and (s.queued > 0 or s.executing > 0)
+
+    def residency(self) -> dict[str, Any]:
+        """What `/inferplane/models` and `models show --server` report of its residency."""
+        return {
+            "name": self.name,
+            "version": self.version,
+            "state": self.state.value,
+            "reason": self.reason,
+            "pinned": self.pinned,
+            "held": self.held,
+            "footprint_bytes": self.footprint,
+            "reserved_bytes": self.reserved,
+            "memory_hint_bytes": self.config.memory_hint,
+            "idle_unload_s": self.idle_unload_s,
+            "idle_s": round(time.monotonic() - self.last_used, 3) if self.last_used else None,
+            "loads": self.loads,
+            "last_load_seconds": round(self.load_seconds, 4),
+            "last_load_source": self.load_source,
+        }
 
 
 @dataclass
@@ -99,138 +174,418 @@ class ModelManager:
         self.inflight = 0
         self.models: dict[str, ModelEntry] = {}
         self.started = False  # the initial load has finished (successfully or not)
-        self._lock = asyncio.Lock()
+        self._lock = asyncio.Lock()  # repository API loads and unloads, one at a time
         self._repo_lock = threading.Lock()  # fsspec filesystems are not all thread-safe
+        # One load at a time is measured: the resident set's growth across it is its footprint.
+        self._measure_lock = threading.Lock()
+        self._held: set[LoadedVersion] = set()  # versions holding memory: loading or loaded
+        self._blocking = 0  # startup and repository-API loads in progress (server not ready)
+        budget = self.residency.memory_budget
+        if budget is not None:
+            metrics.memory_budget.set(budget)
+        metrics.resident_bytes.set_function(lambda: sum(lv.reserved for lv in self._held))
+        metrics.models_resident.set_function(
+            lambda: sum(1 for lv in self._held if lv.state is State.READY)
+        )
 
-    # loading -----------------------------------------------------------------------------
+    # the catalogue -----------------------------------------------------------------------
     async def load_initial(self) -> None:
-        """Load every selected model; one failing model never stops the others."""
-        names: list[str] = []
+        """Read the catalogue (every model.yaml, no artifact), then load what loads at start:
+        every version in eager mode, pinned ones in on-demand mode. One failing model never
+        stops the others."""
+        self._blocking += 1
         try:
-            names = (
-                self.selected if self.selected else await asyncio.to_thread(self.repository_models)
-            )
-        except InferplaneError as exc:
-            log.error("cannot list the repository: %s", exc.message)
-        for name in names:
             try:
-                await self.load_model(name)
+                catalogue = await asyncio.to_thread(self._read_catalogue)
             except InferplaneError as exc:
-                log.error("model %s: %s", name, exc.message)
+                log.error("cannot list the repository: %s", exc.message)
+                catalogue = {}
+            for name, (configs, aliases) in catalogue.items():
+                self.models[name] = self._new_entry(name, configs, aliases)
+            if self.selected:
+                for name in self.selected:
+                    if name not in catalogue:
+                        log.error("model %s: not in repository %s", name, self.repository.url)
+            at_start = [lv for e in self.models.values() for lv in e.versions.values()]
+            on_demand = sum(1 for lv in at_start if not self._loads_at_start(lv))
+            log.info(
+                "catalogue: %d models, %d versions (%d on demand) in %s",
+                len(self.models),
+                len(at_start),
+                on_demand,
+                self.repository.url,
+            )
+            for lv in at_start:
+                if self._loads_at_start(lv):
+                    await self._load_logged(lv, STARTUP)
+        finally:
+            self._blocking -= 1
         self.started = True
+
+    def _read_catalogue(self) -> dict[str, tuple[list[ModelConfig], dict[str, int]]]:
+        with self._repo_lock:
+            found = self.repository.catalogue(self.selected)
+        out = {}
+        for name, item in found.items():
+            for problem in item.problems:
+                log.error("model %s: %s", name, problem)
+            if item.configs:
+                out[name] = (item.configs, item.aliases)
+        return out
 
     def repository_models(self) -> list[str]:
         """Model names in the repository, loaded or not (blocking I/O: call it in a thread)."""
         with self._repo_lock:
             return self.repository.list_models()
 
-    async def load_model(self, name: str) -> ModelEntry:
-        """(Re)load all versions of `name`; old versions keep serving until the new ones are ready."""
-        async with self._lock:
-            configs, aliases = await asyncio.to_thread(self._read_model, name)
-            entry = self.models.get(name)
-            new_entry = ModelEntry(name=name, aliases=aliases)
-            for config in configs:
-                lv = LoadedVersion(config=config)
-                new_entry.versions[config.version] = lv
-            if entry is None or entry.unloaded:
-                self.models[name] = new_entry  # visible as LOADING while it loads
-            for lv in new_entry.versions.values():
-                await self._load_version(lv)
-            self.models[name] = new_entry
-            if entry is not None:
-                for old in entry.versions.values():
-                    if old not in new_entry.versions.values():
-                        self._retire(old)
-            return new_entry
+    def _new_entry(
+        self, name: str, configs: Iterable[ModelConfig], aliases: dict[str, int]
+    ) -> ModelEntry:
+        pinned_numbers = {aliases[a] for a in self.residency.pin_aliases if a in aliases}
+        entry = ModelEntry(name=name, aliases=aliases)
+        for config in configs:
+            entry.versions[config.version] = LoadedVersion(
+                config=config,
+                pinned=config.residency == "pinned" or config.version in pinned_numbers,
+                idle_unload_s=config.idle_unload_s or self.residency.idle_unload_s,
+            )
+        return entry
 
-    def _read_model(self, name: str) -> tuple[list[ModelConfig], dict[str, int]]:
-        with self._repo_lock:
-            versions = self.repository.list_versions(name)
-            if not versions:
-                raise NotFound(f"unknown model '{name}' in repository {self.repository.url}")
-            configs = []
-            for v in versions:
-                try:
-                    configs.append(self.repository.read_config(name, v))
-                except InferplaneError as exc:
-                    # A broken model.yaml takes out its version only.
-                    log.error("model %s version %s: %s", name, v, exc.message)
-            return configs, self.repository.aliases(name)
+    def _loads_at_start(self, lv: LoadedVersion) -> bool:
+        if lv.pinned:
+            return True
+        return self.residency.load == EAGER and lv.config.residency != "on_demand"
 
-    async def _load_version(self, lv: LoadedVersion) -> None:
+    # loading -----------------------------------------------------------------------------
+    async def activate(self, lv: LoadedVersion, deadline: float | None = None) -> None:
+        """Make `lv` READY: join its load, or start one, and wait within `deadline` (a
+        time.monotonic()). Unavailable (503) when it cannot be loaded now, DeadlineExceeded (504)
+        when the load outlasts the deadline (the load itself goes on for later requests)."""
+        if lv.state is State.READY:
+            return
+        self.check_servable(lv)
+        task = lv.load_task
+        if task is None:
+            reason = AFTER_FAILURE if lv.state is State.FAILED else lv.next_reason
+            task = self._start_load(lv, reason)
+        lv.waiters += 1
+        try:
+            timeout = None if deadline is None else deadline - time.monotonic()
+            if timeout is not None and timeout <= 0:
+                raise TimeoutError
+            await asyncio.wait_for(asyncio.shield(task), timeout)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"model '{lv.name}' version {lv.version} is still loading at the request's "
+                "deadline; the load goes on"
+            ) from None
+        finally:
+            lv.waiters -= 1
+        if lv.state is not State.READY:  # unloaded again between the load and this request
+            raise Unavailable(f"model '{lv.name}' version {lv.version} is not loaded: {lv.reason}")
+
+    def check_servable(self, lv: LoadedVersion) -> None:
+        """Unavailable unless `lv` is loaded or a request may load it now."""
+        if lv.state is State.READY or lv.load_task is not None:
+            return
+        if not lv.loadable:
+            raise Unavailable(f"model '{lv.name}' version {lv.version} is unloaded")
+        if lv.state is State.FAILED:
+            wait = lv.retry_at - time.monotonic()
+            if wait > 0:
+                raise Unavailable(
+                    f"model '{lv.name}' version {lv.version} failed to load: {lv.reason} "
+                    f"(next try in {wait:.0f} s)",
+                    retry_after_s=wait,
+                )
+
+    def servable(self, lv: LoadedVersion) -> bool:
+        """Loaded or loadable: what /v2/models/m/ready answers for an existing version."""
+        try:
+            self.check_servable(lv)
+        except Unavailable:
+            return False
+        return lv.state is not State.FAILED or lv.load_task is not None
+
+    def _start_load(self, lv: LoadedVersion, reason: str) -> asyncio.Task[None]:
+        task = asyncio.get_running_loop().create_task(self._load(lv, reason))
+        lv.load_task = task
+        # A load whose waiters all gave up (deadline) still ends; nobody reads its error.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
+
+    async def _load_logged(self, lv: LoadedVersion, reason: str) -> None:
+        """Load `lv` at start or for the repository API: errors are logged and left in its
+        state, not raised."""
+        try:
+            if lv.load_task is None:
+                self._start_load(lv, reason)
+            assert lv.load_task is not None
+            await asyncio.shield(lv.load_task)
+        except InferplaneError:
+            pass  # _load logged it and left the reason in lv.reason
+
+    async def _load(self, lv: LoadedVersion, reason: str) -> None:
+        """The one load of `lv` that every waiting request shares."""
         started = time.perf_counter()
+        before, lv.state, lv.reason = lv.state, State.LOADING, ""
         labels = (lv.name, lv.version)
         try:
-            runtime, on_loop = await asyncio.to_thread(self._load_runtime, lv.config)
+            runtime, source = await asyncio.to_thread(self._prepare, lv.config)
+            estimate = lv.footprint or lv.config.memory_hint or runtime.memory_bytes()
+            try:
+                self._admit(lv, estimate)
+            except BudgetExhausted as exc:  # the runtime is not loaded yet: nothing to free
+                lv.state, lv.reason = before, str(exc)  # not a failure: loadable once room frees
+                log.warning("model %s version %s not loaded: %s", *labels, exc)
+                raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}") from None
+            runtime, on_loop, footprint = await asyncio.to_thread(self._start, runtime, lv.config)
+        except Unavailable:
+            if lv.state is State.LOADING:
+                lv.state = before
+            lv.load_task = None
+            raise
         except InferplaneError as exc:
-            lv.state, lv.reason = State.UNAVAILABLE, exc.message
+            self._failed(lv, exc.message)
+            raise Unavailable(self._failure_message(lv), lv.retry_at - time.monotonic()) from None
         except Exception as exc:  # a framework's own error while loading a bad artifact
-            lv.state, lv.reason = State.UNAVAILABLE, f"load failed: {type(exc).__name__}: {exc}"
-        else:
-            lv.runtime, lv.platform = runtime, runtime.model_platform
-            lv.observe = VersionMetrics(self.metrics, lv.name, lv.version)
-            lv.scheduler = Scheduler(
-                runtime,
-                lv.config,
-                self._recorder(lv),
-                arrivals_hint=lambda: self.inflight,
-                on_loop=on_loop,
-            )
-            lv.state = State.READY
-        if lv.state is State.READY:
-            log.info(
-                "model %s version %s ready in %.2fs (executions on %s)",
-                *labels,
-                time.perf_counter() - started,
-                _placement(lv),
-            )
-        else:
-            log.error("model %s version %s unavailable: %s", *labels, lv.reason)
-        self.metrics.model_ready.labels(*labels).set(1 if lv.state is State.READY else 0)
-        self.metrics.model_load_seconds.labels(*labels).set(time.perf_counter() - started)
+            self._failed(lv, f"load failed: {type(exc).__name__}: {exc}")
+            raise Unavailable(self._failure_message(lv), lv.retry_at - time.monotonic()) from None
+        lv.footprint = lv.reserved = footprint
+        try:
+            self._fit(lv)
+        except BudgetExhausted as exc:
+            runtime.unload()
+            self._release(lv)
+            lv.state, lv.reason, lv.load_task = before, f"measured {exc}", None
+            log.warning("model %s version %s unloaded again: %s", *labels, exc)
+            raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}") from None
+        lv.runtime, lv.platform = runtime, runtime.model_platform
+        lv.observe = lv.observe or VersionMetrics(self.metrics, lv.name, lv.version)
+        lv.scheduler = Scheduler(
+            runtime,
+            lv.config,
+            self._recorder(lv),
+            arrivals_hint=lambda: self.inflight,
+            on_loop=on_loop,
+        )
+        lv.state, lv.failures, lv.load_task = State.READY, 0, None
+        lv.last_used = time.monotonic()
+        lv.loads += 1
+        lv.load_seconds, lv.load_source = time.perf_counter() - started, source
+        self.metrics.model_loads.labels(*labels, reason).inc()
+        self.metrics.model_load_seconds.labels(source).observe(lv.load_seconds)
+        self.metrics.model_ready.labels(*labels).set(1)
+        log.info(
+            "model %s version %s ready in %.2fs (%s, from %s; footprint %s; executions on %s)",
+            *labels,
+            lv.load_seconds,
+            reason,
+            source,
+            format_size(footprint),
+            _placement(lv),
+        )
 
-    def _load_runtime(self, config: ModelConfig) -> tuple[Runtime, bool]:
-        """The loaded, warmed-up runtime, and whether its executions run on the event loop."""
+    def _failed(self, lv: LoadedVersion, reason: str) -> None:
+        self._release(lv)
+        lv.failures += 1
+        wait = next_backoff(lv.failures, self.residency)
+        lv.state, lv.reason, lv.retry_at = State.FAILED, reason, time.monotonic() + wait
+        lv.load_task = None
+        self.metrics.model_ready.labels(lv.name, lv.version).set(0)
+        log.error(
+            "model %s version %s failed to load: %s (a request retries it after %.0f s)",
+            lv.name,
+            lv.version,
+            reason,
+            wait,
+        )
+
+    @staticmethod
+    def _failure_message(lv: LoadedVersion) -> str:
+        return f"model '{lv.name}' version {lv.version} failed to load: {lv.reason}"
+
+    def _prepare(self, config: ModelConfig) -> tuple[Runtime, str]:
+        """The version's runtime, constructed but not loaded, and where its files came from."""
         with self._repo_lock:
-            local_dir = self.repository.fetch(config)
+            local_dir, source = self.repository.fetch_with_source(config)
         verify(config, local_dir)
         runtime = create_runtime(config, local_dir)
         check_pickles(runtime, self.pickles)  # here, once: worker processes load it again
-        if uses_processes(config, runtime):
-            runtime = ProcessRuntime(runtime)
-        runtime.load()
+        return runtime, source
+
+    def _start(self, runtime: Runtime, config: ModelConfig) -> tuple[Runtime, bool, int]:
+        """Load and warm up `runtime`: (runtime, whether it runs on the event loop, footprint)."""
+        with self._measure_lock:
+            before = rss_bytes()
+            if uses_processes(config, runtime):
+                runtime = ProcessRuntime(runtime)
+            runtime.load()
+            try:
+                on_loop = warm_up(runtime, config)
+            except Exception as exc:
+                runtime.unload()
+                raise InternalError(f"warm-up failed: {type(exc).__name__}: {exc}") from exc
+            after = rss_bytes()
+        grown = after - before if after is not None and before is not None else 0
+        if isinstance(runtime, ProcessRuntime):
+            grown += children_bytes(runtime.pids())
+        return runtime, on_loop, max(grown, runtime.memory_bytes())
+
+    # the memory budget ---------------------------------------------------------------------
+    def _residents(self) -> list[Resident]:
+        return [
+            Resident(
+                key=(lv.name, lv.config.version),
+                footprint=lv.reserved,
+                pinned=lv.pinned or lv.held,
+                busy=lv.busy,
+                last_used=lv.last_used,
+                loading=lv.state is State.LOADING,
+            )
+            for lv in self._held
+        ]
+
+    def _admit(self, lv: LoadedVersion, need: int) -> None:
+        """Reserve `need` bytes for `lv`, evicting LRU idle versions first (on the loop, no
+        await: no other request can change the residents meanwhile)."""
+        plan = plan_admission(self._residents(), need, self.residency.memory_budget)
+        self._evict_keys(plan.victims, MEMORY)
+        lv.reserved = need
+        self._held.add(lv)
+
+    def _fit(self, lv: LoadedVersion) -> None:
+        """After a load measured more than was reserved: evict others until it fits."""
+        key = (lv.name, lv.config.version)
+        plan = plan_admission(self._residents(), lv.reserved, self.residency.memory_budget, key)
+        self._evict_keys(plan.victims, MEMORY)
+
+    def _evict_keys(self, keys: list[tuple[str, int]], why: str) -> None:
+        for name, number in keys:
+            victim = self.models[name].versions.get(number) if name in self.models else None
+            if victim is None:  # a retired version of a reloaded model: not in the entry
+                victim = next(v for v in self._held if (v.name, v.config.version) == (name, number))
+            self.evict(victim, why)
+
+    def evict(self, lv: LoadedVersion, why: str) -> None:
+        """Unload an idle version; its next request loads it again."""
+        idle = time.monotonic() - lv.last_used
+        log.info(
+            "evicting model %s version %s (%s; footprint %s, unused for %.1f s)",
+            lv.name,
+            lv.version,
+            "memory budget" if why == MEMORY else f"idle past {lv.idle_unload_s:g} s",
+            format_size(lv.reserved),
+            idle,
+        )
+        self._unload(lv)
+        lv.state = State.EVICTED
+        lv.reason = "evicted: memory budget" if why == MEMORY else "evicted: idle"
+        lv.next_reason = AFTER_EVICTION if why == MEMORY else AFTER_IDLE
+        self.metrics.model_evictions.labels(why).inc()
+
+    def _release(self, lv: LoadedVersion) -> None:
+        self._held.discard(lv)
+        lv.reserved = 0
+
+    def _unload(self, lv: LoadedVersion) -> None:
+        """Stop new work; queued and running requests finish, then the runtime is unloaded and
+        its memory handed back."""
+        self._release(lv)
+        self.metrics.model_ready.labels(lv.name, lv.version).set(0)
+        scheduler, lv.scheduler, lv.runtime = lv.scheduler, None, None
+        if scheduler is None:
+            return
+        scheduler.close()
         try:
-            on_loop = warm_up(runtime, config)
-        except Exception as exc:
-            runtime.unload()
-            raise InternalError(f"warm-up failed: {type(exc).__name__}: {exc}") from exc
-        return runtime, on_loop
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        loop.run_in_executor(None, _free_after, scheduler)
+
+    async def housekeeping(self, interval_s: float = 0.5) -> None:
+        """Unload versions idle past their idle_unload_s (the server runs this for its life)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            self.unload_idle()
+
+    def unload_idle(self) -> None:
+        now = time.monotonic()
+        for lv in list(self._held):
+            idle = lv.idle_unload_s
+            if (
+                idle is not None
+                and lv.state is State.READY
+                and not (lv.pinned or lv.held or lv.busy)
+                and now - lv.last_used >= idle
+            ):
+                self.evict(lv, IDLE)
+
+    # the repository API --------------------------------------------------------------------
+    async def load_model(self, name: str) -> ModelEntry:
+        """(Re)read `name` and load all its versions now; they stay loaded (never evicted) until
+        the repository API unloads them. A version already loaded with the same model.yaml
+        keeps serving as it is; replaced versions serve until the new ones are ready."""
+        async with self._lock:
+            configs, aliases = await asyncio.to_thread(self._read_model, name)
+            old = self.models.get(name)
+            entry = self._new_entry(name, configs, aliases)
+            if old is not None:
+                for number, lv in entry.versions.items():
+                    kept = old.versions.get(number)
+                    if kept is not None and kept.config == lv.config:
+                        kept.pinned = lv.pinned
+                        entry.versions[number] = kept
+            if old is None or old.unloaded:
+                self.models[name] = entry  # visible as LOADING while it loads
+            self._blocking += 1
+            try:
+                for lv in entry.versions.values():
+                    lv.held, lv.loadable = True, True
+                    if lv.state is not State.READY:
+                        await self._load_logged(lv, EXPLICIT)
+            finally:
+                self._blocking -= 1
+            self.models[name] = entry
+            if old is not None:
+                for lv in old.versions.values():
+                    if lv not in entry.versions.values():
+                        self._unload(lv)
+                        lv.state = State.UNLOADED
+            return entry
+
+    def _read_model(self, name: str) -> tuple[list[ModelConfig], dict[str, int]]:
+        with self._repo_lock:
+            found = self.repository.catalogue([name]).get(name)
+        if found is None or not found.configs:
+            for problem in found.problems if found is not None else []:
+                log.error("model %s: %s", name, problem)
+            raise NotFound(f"unknown model '{name}' in repository {self.repository.url}")
+        for problem in found.problems:
+            log.error("model %s: %s", name, problem)  # a broken model.yaml takes out its version
+        return found.configs, found.aliases
 
     async def unload_model(self, name: str) -> None:
+        """Unload every version of `name`. On-demand versions come back on their next request;
+        the others stay unloaded until the repository API loads them again."""
         check_model_name(name)  # the same 400 as load for a name that no repository can hold
         async with self._lock:
             entry = self.models.get(name)
             if entry is None or entry.unloaded:
                 raise NotFound(f"model '{name}' is not loaded")
-            entry.unloaded = True
             for lv in entry.versions.values():
-                self._retire(lv)
-
-    def _retire(self, lv: LoadedVersion) -> None:
-        """Stop new work; queued and running requests finish, then the runtime is unloaded."""
-        if lv.state is State.UNLOADED:
-            return
-        lv.state = State.UNLOADED
-        self.metrics.model_ready.labels(lv.name, lv.version).set(0)
-        if lv.scheduler is not None:
-            lv.scheduler.close()
+                self._unload(lv)
+                lv.held = False
+                lv.state, lv.reason, lv.next_reason = State.UNLOADED, "unloaded", AFTER_UNLOAD
+                lv.loadable = not self._loads_at_start(lv)
+            entry.unloaded = not any(lv.loadable for lv in entry.versions.values())
 
     async def close(self) -> None:
         for entry in self.models.values():
             for lv in entry.versions.values():
                 if lv.state is State.READY:
-                    self._retire(lv)
+                    self._unload(lv)
+                    lv.state = State.UNLOADED
 
     # lookup ------------------------------------------------------------------------------
     def entry(self, name: str) -> ModelEntry:
@@ -243,20 +598,33 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        """Server readiness: the initial load is done and nothing is still loading.
+        """Server readiness: the catalogue is read and no startup or repository-API load is
+        still running (on-demand loads never take the server out of traffic).
 
-        A model that failed to load is reported (index, model ready, 503 on infer) but does not hold
-        the whole server out of traffic, unless `strict_readiness` asks for Triton's rule: every
-        model must have a ready version.
+        A model that failed to load is reported (index, model ready, 503 on infer) but does not
+        hold the whole server out of traffic, unless `strict_readiness` asks for Triton's rule:
+        every model must have a version that is ready or loadable.
         """
-        if not self.started:
-            return False
-        entries = [e for e in self.models.values() if not e.unloaded]
-        if any(lv.state is State.LOADING for e in entries for lv in e.versions.values()):
+        if not self.started or self._blocking:
             return False
         if self.strict_readiness:
-            return all(any(lv.state is State.READY for lv in e.versions.values()) for e in entries)
+            entries = [e for e in self.models.values() if not e.unloaded]
+            return all(any(self.servable(lv) for lv in e.versions.values()) for e in entries)
         return True
+
+    def residency_report(self) -> dict[str, Any]:
+        """The server-wide view behind `/inferplane/models`."""
+        return {
+            "load": self.residency.load,
+            "memory_budget_bytes": self.residency.memory_budget,
+            "resident_bytes": sum(lv.reserved for lv in self._held),
+            "models_resident": sum(1 for lv in self._held if lv.state is State.READY),
+            "versions": [
+                lv.residency()
+                for _, entry in sorted(self.models.items())
+                for _, lv in sorted(entry.versions.items())
+            ],
+        }
 
     # running -----------------------------------------------------------------------------
     def _recorder(self, lv: LoadedVersion) -> Callable[[ExecutionTiming], None]:
@@ -279,11 +647,20 @@ class ModelManager:
         oversize: bool = False,
     ) -> asyncio.Future[dict[str, np.ndarray]]:
         """Queue one request on the version's scheduler (`deadline` is a time.monotonic()); await
-        the future for its outputs. Not a coroutine: one frame less on every request's path."""
+        the future for its outputs. Not a coroutine: one frame less on every request's path.
+        The version must be READY (`activate` first)."""
         scheduler = lv.scheduler
         if lv.state is not State.READY or scheduler is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
+        lv.last_used = time.monotonic()
         return scheduler.submit(inputs, outputs, deadline, priority, oversize)
+
+
+def _free_after(scheduler: Scheduler) -> None:
+    """Once the scheduler's threads have unloaded the runtime, return the memory."""
+    for thread in scheduler.threads:
+        thread.join(30)
+    return_free_memory()
 
 
 def _placement(lv: LoadedVersion) -> str:

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from inferplane.sizes import format_size
+
 EAGER, ON_DEMAND = "eager", "on-demand"
 LOAD_MODES = (EAGER, ON_DEMAND)
 
@@ -56,11 +58,14 @@ class Admission:
 class BudgetExhausted(Exception):
     """Nothing evictable frees enough memory for the version."""
 
-    def __init__(self, need: int, free: int, budget: int, held: int) -> None:
-        self.need, self.free, self.budget, self.held = need, free, budget, held
+    def __init__(self, need: int, free: int, evictable: int, budget: int, held: int) -> None:
+        self.need, self.free, self.evictable, self.budget, self.held = (
+            need, free, evictable, budget, held
+        )  # fmt: skip
         super().__init__(
-            f"memory budget exhausted: needs {need} bytes, {free} free of {budget}; "
-            f"{held} bytes are held by pinned or busy versions"
+            f"memory budget exhausted: needs {format_size(need)}, {format_size(max(free, 0))} "
+            f"free of {format_size(budget)} and {format_size(evictable)} evictable; "
+            f"{format_size(held)} held by pinned, busy or loading versions"
         )
 
 
@@ -88,8 +93,8 @@ def plan_admission(
         free += r.footprint
         if need <= free:
             return Admission(victims)
-    held = used - sum(r.footprint for r in candidates)
-    raise BudgetExhausted(need, budget - used + sum(r.footprint for r in candidates), budget, held)
+    evictable = sum(r.footprint for r in candidates)
+    raise BudgetExhausted(need, budget - used, evictable, budget, used - evictable)
 
 
 def next_backoff(failures: int, options: ResidencyOptions) -> float:

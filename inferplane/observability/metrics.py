@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 LATENCY_BUCKETS = (
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
 )  # fmt: skip
+LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 UNKNOWN = "_unknown"  # the model label of requests for models we do not serve (bounded cardinality)
 
@@ -72,10 +73,43 @@ class Metrics:
             ["model", "version"],
             registry=r,
         )
-        self.model_load_seconds = Gauge(
+        self.model_load_seconds = Histogram(
             "inferplane_model_load_seconds",
-            "Seconds the last load of a model version took (fetch, verify, load, warm-up).",
-            ["model", "version"],
+            "Seconds a model version's load took (fetch, verify, load, warm-up), by where its "
+            "files came from: local (a repository on disk), cache (the local artifact cache) or "
+            "remote (downloaded).",
+            ["source"],
+            buckets=LOAD_BUCKETS,
+            registry=r,
+        )
+        self.model_loads = Counter(
+            "inferplane_model_loads_total",
+            "Successful loads of a model version, by why: startup, first_use, after_eviction, "
+            "after_idle, after_unload, after_failure, explicit (the repository API).",
+            ["model", "version", "reason"],
+            registry=r,
+        )
+        self.model_evictions = Counter(
+            "inferplane_model_evictions_total",
+            "Model versions unloaded by the server: memory (to fit another under the budget) or "
+            "idle (unused past idle_unload_s).",
+            ["reason"],
+            registry=r,
+        )
+        self.models_resident = Gauge(
+            "inferplane_models_resident",
+            "Model versions loaded now.",
+            registry=r,
+        )
+        self.resident_bytes = Gauge(
+            "inferplane_resident_bytes",
+            "Memory the loaded and loading model versions take: measured footprints, or the "
+            "estimate a loading version was admitted with.",
+            registry=r,
+        )
+        self.memory_budget = Gauge(
+            "inferplane_memory_budget_bytes",
+            "The server's memory budget for models (serve --memory-budget); absent without one.",
             registry=r,
         )
 

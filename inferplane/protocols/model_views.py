@@ -80,12 +80,12 @@ def repository_index(
     for name in sorted(set(names_in_repository) | set(loaded)):
         entry = loaded.get(name)
         if entry is None:
-            rows.append({"name": name, "state": "UNAVAILABLE", "reason": "not loaded"})
+            rows.append({"name": name, "state": "UNLOADED", "reason": "not served (see --model)"})
             continue
         for number, lv in sorted(entry.versions.items()):
-            state = "UNAVAILABLE" if entry.unloaded else lv.state.value
-            reason = "unloaded" if entry.unloaded else lv.reason
-            rows.append({"name": name, "version": str(number), "state": state, "reason": reason})
+            rows.append(
+                {"name": name, "version": str(number), "state": lv.state.value, "reason": lv.reason}
+            )
     if ready_only:
         rows = [r for r in rows if r["state"] == "READY"]
     return rows
@@ -95,15 +95,16 @@ def repository_index(
 
 
 def model_ready(router: Router, name: str, version: str | None) -> bool:
-    """Is the version `router` would serve READY? Only an unknown model or version is an error
-    (NotFound); loading, failed or unloaded models are simply not ready."""
+    """Is the version `router` would serve loaded, or loadable by a request now (on demand,
+    evicted)? Only an unknown model or version is an error (NotFound); failed or unloaded
+    versions are simply not ready."""
     try:
         lv, _ = router.resolve(name, version)
     except NotFound:
         raise
     except InferplaneError:
         return False
-    return lv.state is State.READY
+    return router.manager.servable(lv)
 
 
 def statistics(

@@ -47,13 +47,9 @@ class Router:
         return lv, decision
 
     def resolve(self, target: str, version: str | None = None) -> tuple[LoadedVersion, str]:
-        """Like `lookup`, but only a READY version: others answer 503 with the reason."""
+        """Like `lookup`, but only a version that is loaded or may be loaded now (on demand):
+        others answer 503 with the reason. The caller activates a version that is not READY."""
         lv, decision = self.lookup(target, version)
-        number = lv.config.version
-        if lv.state is State.LOADING:
-            raise Unavailable(f"model '{target}' version {number} is loading")
         if lv.state is not State.READY:
-            raise Unavailable(
-                f"model '{target}' version {number} is not available: {lv.reason or lv.state.value}"
-            )
+            self.manager.check_servable(lv)
         return lv, decision

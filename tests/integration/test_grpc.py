@@ -486,7 +486,7 @@ def test_unload_load_round_trip(
     try:
         assert not client.is_model_ready("double")
         rows = {m.name: m.state for m in client.get_model_repository_index().models}
-        assert rows["double"] == "UNAVAILABLE"
+        assert rows["double"] == "UNLOADED"
         channel, stub = _stub(server)
         with channel:
             ready_only = stub.RepositoryIndex(service_pb2.RepositoryIndexRequest(ready=True))

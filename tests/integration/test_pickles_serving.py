@@ -60,9 +60,9 @@ def test_refuse_serves_onnx_and_leaves_the_pickle_unloaded_with_the_reason(
     assert refused.status_code == 503 and REASON in refused.json()["error"]
     index = {row["name"]: row for row in httpx.post(f"{server.url}/v2/repository/index").json()}
     assert index["sum"]["state"] == "READY"
-    assert index["forest"]["state"] == "UNAVAILABLE"
+    assert index["forest"]["state"] == "FAILED"
     assert REASON in index["forest"]["reason"] and "--pickles refuse" in index["forest"]["reason"]
-    assert f"model forest version 1 unavailable: {REASON}" in server.log()
+    assert f"model forest version 1 failed to load: {REASON}" in server.log()
     # asking again does not get around it
     again = httpx.post(f"{server.url}/v2/repository/models/forest/load", timeout=60)
     assert again.status_code == 400 and REASON in again.json()["error"]

@@ -199,9 +199,9 @@ def test_corrupt_failing_and_loading_models_leave_the_rest_serving(
             assert r.status_code == 503 and "weights file is truncated" in r.json()["error"]
             index = {(row["name"], row.get("version")): row
                      for row in client.post("/v2/repository/index").json()}  # fmt: skip
-            assert index[("tampered", "1")]["state"] == "UNAVAILABLE"
+            assert index[("tampered", "1")]["state"] == "FAILED"
             assert "sha256" in index[("tampered", "1")]["reason"]
-            assert index[("failing", "1")]["state"] == "UNAVAILABLE"
+            assert index[("failing", "1")]["state"] == "FAILED"
             assert client.post("/v2/models/tabular/infer", json=GOOD).status_code == 200
     finally:
         server.stop()

@@ -140,7 +140,7 @@ async def test_refuse_leaves_pickled_versions_unavailable_and_others_serving(
         assert manager.ready  # the server is up: a refused model does not hold it out
         assert manager.entry("sum").versions[1].state is State.READY
         for lv in manager.entry("forest").versions.values():
-            assert lv.state is State.UNAVAILABLE
+            assert lv.state is State.FAILED
             assert "refused to load pickled artifact 'forest.joblib'" in lv.reason
             assert "--pickles refuse" in lv.reason
     finally:
@@ -181,7 +181,7 @@ async def test_what_refuse_protects_from(tmp_path: Path) -> None:
     refused = ModelManager(repo, Metrics(), pickles="refuse")
     await refused.load_initial()
     await refused.close()
-    assert refused.entry("planted").versions[1].state is State.UNAVAILABLE
+    assert refused.entry("planted").versions[1].state is State.FAILED
     assert not marker.exists()
 
     warned = ModelManager(repo, Metrics(), pickles="warn")
@@ -189,7 +189,7 @@ async def test_what_refuse_protects_from(tmp_path: Path) -> None:
     await warned.close()
     assert marker.exists()  # the sha256 pin matched: it only proves the file is the registered one
     # what it unpickled to (None) is no estimator: unavailable, but the code had run already
-    assert warned.entry("planted").versions[1].state is State.UNAVAILABLE
+    assert warned.entry("planted").versions[1].state is State.FAILED
 
 
 def test_an_unknown_policy_is_a_programming_error(repo: Repository) -> None:

@@ -121,7 +121,7 @@ async def test_a_model_that_fails_to_load_in_its_process_is_unavailable(tmp_path
     await manager.load_initial()
     try:
         lv = manager.entry("refuser").versions[1]
-        assert lv.state is State.UNAVAILABLE
+        assert lv.state is State.FAILED
         assert "refusing to load on purpose" in lv.reason
     finally:
         await manager.close()

@@ -1,0 +1,68 @@
+"""How much memory a loaded model version holds: measured, not guessed.
+
+A version's footprint is the growth of this process's resident set across its load and warm-up,
+plus the proportional set size (PSS) of its worker processes when it runs in processes. The
+artifact's size on disk is the floor: a runtime keeps at least its weights in memory, while
+the resident set may not grow at all when the load reuses memory freed by an eviction.
+Loads are measured one at a time (the manager serializes them), so that two loads never count
+each other's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+from functools import cache
+
+log = logging.getLogger("inferplane.engine")
+
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def rss_bytes(pid: int | str = "self") -> int | None:
+    """Resident set size of a process (default: this one), or None where /proc is missing."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * _PAGE
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def pss_bytes(pid: int) -> int | None:
+    """Proportional set size of a process: shared pages (libraries) split among their users, so
+    that N worker processes of one model are not each charged the whole of numpy."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as fh:
+            for line in fh:
+                if line.startswith(b"Pss:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return rss_bytes(pid)
+
+
+def children_bytes(pids: list[int]) -> int:
+    return sum(pss_bytes(pid) or 0 for pid in pids)
+
+
+@cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
+
+
+def return_free_memory() -> None:
+    """Hand the heap memory freed by an unload back to the system (glibc keeps it otherwise), so
+    that the process's resident set follows what is loaded, not what once was."""
+    libc = _libc()
+    trim = getattr(libc, "malloc_trim", None) if libc is not None else None
+    if trim is not None:
+        try:
+            trim(0)
+        except Exception:  # not glibc, or a libc without it: nothing to return
+            log.debug("malloc_trim failed", exc_info=True)
