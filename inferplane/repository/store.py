@@ -4,6 +4,10 @@ A version exists once its `model.yaml` exists: artifacts are written first and `
 crashed registration leaves an invisible folder, never a half-readable version. Versions are
 immutable: nothing here rewrites or deletes a version folder that has a `model.yaml`. Aliases live
 in `<root>/<model>/aliases.yaml` (alias -> version).
+
+Listings are recursive (`fs.find`: on S3 one paginated ListObjects for the whole tree), so
+`list_models`, `index` and `catalogue` cost a few requests whatever the number of models. A
+remote version is loaded from the machine's artifact cache (`inferplane.repository.cache`).
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import fsspec
 import yaml
@@ -58,7 +62,8 @@ def sha256_file(fs: fsspec.AbstractFileSystem, path: str) -> str:
 CLAIM = ".claim"  # a version folder's lock file (see Repository._claim)
 _READERS = 32  # model.yaml / aliases.yaml reads in flight at once on a remote store
 
-FetchSource = str  # "local" (read in place), "cache" (a cached copy) or "remote" (downloaded now)
+# Where fetch_with_source found a version's files: read in place, a cached copy, downloaded now.
+FetchSource = Literal["local", "cache", "remote"]
 
 
 @dataclass
@@ -124,8 +129,6 @@ class Repository:
         self.fs: fsspec.AbstractFileSystem = fs
         self.root = root.rstrip("/") if root != "/" else root
         self.is_local = isinstance(fs, LocalFileSystem)
-        self._cache_dir = cache_dir
-        self._cache_size = cache_size  # bytes the artifact cache is trimmed to; None: no limit
         # Remote versions are read from a local copy; a local repository is read in place.
         self.cache: ArtifactCache | None = None
         # What a catalogue made of each model.yaml (a ModelConfig) and aliases.yaml (a dict), by
@@ -134,7 +137,7 @@ class Repository:
         self._parsed: dict[str, tuple[str, Any]] = {}
         if not self.is_local:
             base = cache_dir or os.path.join(tempfile.gettempdir(), "inferplane-cache")
-            self.cache = ArtifactCache(base, cache_size)
+            self.cache = ArtifactCache(base, cache_size)  # cache_size None: never trimmed
 
     # paths -------------------------------------------------------------------------------
     # Every path below the root is built by _model_path (a model's folder and what is in it),
