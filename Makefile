@@ -13,7 +13,7 @@ GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps models run test lint typecheck pytest bench bench-serving bench-traffic \
-	bench-stream bench-batch fuzz clean
+	bench-stream bench-batch bench-fleet fuzz clean
 
 $(STAMP): pyproject.toml scripts/venv.sh scripts/constraints.txt
 	./scripts/venv.sh dev
@@ -47,9 +47,11 @@ pytest: setup system-deps
 test: lint typecheck pytest
 
 # make bench [FAST=1] [BENCH_ARGS="--models tabular --with-triton ..."]; see benchmarks/README.md
-# Each part also runs alone: make bench-serving | bench-traffic | bench-stream | bench-batch
+# Each part also runs alone: make bench-serving | bench-traffic | bench-stream | bench-batch |
+# bench-fleet [FLEET_ARGS="--models 300 --seconds 30 --no-mlserver ..."]
 BENCH_ARGS ?=
-bench: bench-serving bench-traffic bench-stream bench-batch
+FLEET_ARGS ?=
+bench: bench-serving bench-traffic bench-stream bench-batch bench-fleet
 
 bench-serving: setup system-deps
 	$(PY) benchmarks/run.py $(if $(filter 1,$(FAST)),--fast) $(BENCH_ARGS)
@@ -65,6 +67,9 @@ bench-stream: models system-deps
 
 bench-batch: setup
 	$(PY) benchmarks/batch_bench.py $(if $(filter 1,$(FAST)),--rows 1000000,--rows 5000000)
+
+bench-fleet: setup
+	$(PY) benchmarks/fleet_bench.py $(if $(filter 1,$(FAST)),--fast) $(FLEET_ARGS)
 
 # make fuzz [FUZZ_EXAMPLES=20000]: `make test` runs tests/fuzz with the small derandomized `ci`
 # profile; this runs it with the `fuzz` one (random, no deadline, no per-test time limit).
