@@ -18,21 +18,24 @@
 5. traffic: Zipf(s) over the N models (rank 1 = model 0) at concurrency C for --seconds after a
    --warmup, HTTP/JSON V2 infer with an httpx async client; /metrics and the server's RSS are
    sampled every second. The same client drives a reference server holding only model 0 (the
-   hottest), half before and half after, for the warm-latency ratio;
+   hottest): closed loop at the same concurrency before, and after paced at the catalogue run's
+   request rate (the same traffic without the catalogue: the warm-latency ratio);
 6. peer: MLServer 1.7.1 (the shared harness's venv, repository writer and ONNX runtime) with
    --compare-models models of the same kind, which it loads at start; inferplane eager with the
    same files beside it. Start-up time and idle memory.
 
-Cold or warm: the server does not say per request. A request is *possibly cold* when the load
-counter of its model (`inferplane_model_loads_total`, summed per model) rose in a sampling
-interval overlapping the request (widened by --slack seconds each side); every other request is
-warm for certain. A possibly-cold request counts as *cold* when it also took longer than the p99
-of the certainly-warm ones (a load costs more than a warm request's tail; with fewer than 100
-certainly warm requests, the 1-model server's p99). A cold request came from S3 when its model
-had never been loaded before (the cache folder starts empty and is never trimmed), from the
-cache otherwise; the server's own `inferplane_model_load_seconds{source}` histogram is reported
-beside it. Hit ratio = answered requests not cold / all requests (a failed request is a miss),
-between warm-for-certain / requests and 1 - loads / requests (each load had a request waiting).
+Cold or warm: the server does not say per request. /metrics is sampled every second; when the
+load counter of a model (`inferplane_model_loads_total`, summed per model) rose by k between two
+samples, k loads happened in that interval and each had a request of that model waiting for it:
+of the answered requests to that model overlapping the interval (widened by --slack seconds each
+side), the k slowest are *cold*, and so is any other one slower than the p99 of the requests that
+no load overlapped (warm for certain; with fewer than 100 of them, the 1-model server's p99). The
+rest of those overlapping requests were warm but are counted apart ("load overlapped, fast"). A
+cold request came from S3 when its model had never been loaded before (the cache folder starts
+empty and is never trimmed), from the cache otherwise; the server's own
+`inferplane_model_load_seconds{source}` histogram is reported beside it. Hit ratio = answered
+requests not cold / all requests (a failed one is a miss), with the bounds warm-for-certain /
+requests and 1 - loads / requests.
 
 Writes benchmarks/results/fleet-<date>.{json,md,png}; raw per-request rows and the server logs
 stay in .bench/fleet/out/<date>/. See benchmarks/README.md ("Many models").
@@ -59,7 +62,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -409,12 +412,14 @@ Row = tuple[
 
 @dataclass(frozen=True)
 class Load:
-    """Who is driven and how: `cdf` picks the model (None: model 0 only), `concurrency` workers."""
+    """Who is driven and how: `cdf` picks the model (None: model 0 only), `concurrency` workers;
+    closed loop, or paced at `rate` requests/s in all (a late answer is not caught up on)."""
 
     base: str
     n_models: int
     cdf: list[float] | None
     concurrency: int
+    rate: float | None = None
 
 
 async def _drive(load: Load, seconds: float, seed: int, origin: float, rows: list[Row]) -> None:
@@ -423,7 +428,8 @@ async def _drive(load: Load, seconds: float, seed: int, origin: float, rows: lis
     urls = [f"{load.base}/v2/models/{model_name(i)}/infer" for i in range(load.n_models)]
     body, headers = infer_body(), {"content-type": "application/json"}
     c = load.concurrency
-    deadline = time.monotonic() + seconds
+    begin = time.monotonic()
+    deadline, slots = begin + seconds, itertools.count()
     limits = httpx.Limits(max_connections=c, max_keepalive_connections=c)
     async with httpx.AsyncClient(limits=limits, timeout=120) as client:
 
@@ -431,6 +437,10 @@ async def _drive(load: Load, seconds: float, seed: int, origin: float, rows: lis
             rng = random.Random(seed * 1009 + w)
             cdf, last = load.cdf, load.n_models - 1
             while time.monotonic() < deadline:
+                if load.rate:
+                    await asyncio.sleep(
+                        max(0.0, begin + next(slots) / load.rate - time.monotonic())
+                    )
                 i = min(bisect.bisect(cdf, rng.random()), last) if cdf else 0
                 t = time.monotonic()
                 status, error = 0, ""
@@ -481,38 +491,46 @@ def progress(rows: list[Row], sampler: Sampler, seconds: float, stop: threading.
 def classify(
     rows: list[Row], samples: list[Sample], slack: float, reference_p99: float
 ) -> tuple[list[str], dict[str, Any]]:
-    """Per request: warm | cold-cache | cold-remote | possible (a load overlapped, but the request
-    was not slow), see the module docstring; and what the classification rested on. "Slow" is
-    past the p99 of the certainly warm requests, or of the 1-model server's when fewer than 100
-    requests are certainly warm (a catalogue that thrashes)."""
+    """Per request: warm | possible (a load of its model overlapped it, but it was not slow) |
+    cold-cache | cold-remote | failed; and what the classification rested on.
+
+    Each rise of a model's load counter by k between two samples is a set of k loads, each waited
+    for by at least one request of that model overlapping the interval (widened by `slack`): the
+    k slowest such requests are cold, and so is any other one slower than "slow" (the p99 of the
+    requests no load overlapped; with fewer than 100 of those, the 1-model server's p99)."""
     have = [s for s in samples if s.loads or s.models_ready is not None]
-    rises: dict[int, list[tuple[float, float, float]]] = {}  # model -> [(from, to, count before)]
+    rises: list[tuple[int, float, float, float, int]] = []  # model, from, to, count before, loads
     index = {model_name(i): i for i in range(max((r[0] for r in rows), default=0) + 1)}
     for a, b in itertools.pairwise(have):
         for name, count in b.loads.items():
             before = a.loads.get(name, 0.0)
             if count > before and name in index:
-                rises.setdefault(index[name], []).append((a.t - slack, b.t + slack, before))
-    counted = any(s.loads for s in have)
-    possible = []
-    for i, start, lat, _status, _err in rows:
-        hit = next((r for r in rises.get(i, ()) if r[0] < start + lat and r[1] > start), None)
-        possible.append(hit)
-    sure_warm = [r[2] for r, p in zip(rows, possible, strict=True) if p is None and r[3] == 200]
+                rises.append((index[name], a.t - slack, b.t + slack, before, round(count - before)))
+    by_model: dict[int, list[int]] = {}
+    for j, r in enumerate(rows):
+        if r[3] == 200:
+            by_model.setdefault(r[0], []).append(j)
+
+    def overlapping(m: int, lo: float, hi: float) -> list[int]:
+        return [j for j in by_model.get(m, ()) if rows[j][1] < hi and rows[j][1] + rows[j][2] > lo]
+
+    kinds = ["warm" if r[3] == 200 else "failed" for r in rows]
+    for m, lo, hi, _before, _k in rises:
+        for j in overlapping(m, lo, hi):
+            kinds[j] = "possible"
+    sure_warm = [rows[j][2] for j, k in enumerate(kinds) if k == "warm"]
     own = len(sure_warm) >= 100
     threshold = stream_bench.percentile(sure_warm, 99) if own else reference_p99
-    kinds = []
-    for r, p in zip(rows, possible, strict=True):
-        if p is None:
-            kinds.append("warm")
-        elif r[2] <= threshold:
-            kinds.append("possible")
-        else:
-            kinds.append("cold-remote" if p[2] == 0 else "cold-cache")
+    for m, lo, hi, before, k in sorted(rises, key=lambda x: x[1]):
+        source = "cold-remote" if before == 0 else "cold-cache"
+        free = [j for j in overlapping(m, lo, hi) if kinds[j] == "possible"]
+        for n, j in enumerate(sorted(free, key=lambda j: -rows[j][2])):
+            if n < k or rows[j][2] > threshold:
+                kinds[j] = source
     return kinds, {
-        "loads_counter_exported": counted,
+        "loads_counter_exported": any(s.loads for s in have),
         "slow_threshold_ms": round(threshold * 1e3, 3),
-        "slow_threshold_from": "certainly warm p99" if own else "1-model server p99",
+        "slow_threshold_from": "no-load-overlapped p99" if own else "1-model server p99",
         "slack_s": slack,
     }
 
@@ -544,14 +562,14 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 def analyse(
     rows: list[Row],
-    ref_rows: list[Row],
+    references: tuple[list[Row], list[Row]],
     samples: list[Sample],
     before: dict[str, Any],
     after: dict[str, Any],
     t_traffic: float,
     slack: float,
 ) -> dict[str, Any]:
-    ref = [r[2] for r in ref_rows if r[3] == 200]
+    ref, closed = ([r[2] for r in got if r[3] == 200] for got in references)
     kinds, basis = classify(rows, samples, slack, stream_bench.percentile(ref, 99))
     ok = [(r, k) for r, k in zip(rows, kinds, strict=True) if r[3] == 200]
     by_kind = {
@@ -603,6 +621,7 @@ def analyse(
         "warm": fleet_warm,
         "warm_model0": fleet_top,
         "reference_model0": reference,
+        "reference_model0_closed_loop": stats_ms(closed),
         "warm_p50_ratio": ratio(fleet_warm["p50_ms"], reference["p50_ms"]),
         "warm_p99_ratio": ratio(fleet_warm["p99_ms"], reference["p99_ms"]),
         "warm_model0_p50_ratio": ratio(fleet_top["p50_ms"], reference["p50_ms"]),
@@ -618,6 +637,7 @@ def analyse(
             "cold_cache": cdf_ms(by_kind["cold-cache"]),
             "cold_remote": cdf_ms(by_kind["cold-remote"]),
             "reference": cdf_ms(ref),
+            "reference_closed": cdf_ms(closed),
         },
     }
 
@@ -764,15 +784,18 @@ def measure(a: argparse.Namespace, out: Path) -> dict[str, Any]:
             one = Load(base, 1, None, a.concurrency)
             drive(one, a.reference_warmup, 1)
             with bench_lock(True):
-                ref_rows = drive(one, a.reference_seconds / 2, 2)
-            log(f"reference (1 model), first half: {stats_ms([r[2] for r in ref_rows])}")
+                closed = drive(one, a.reference_seconds / 2, 2)
+            log(f"1-model server, closed loop: {stats_ms([r[2] for r in closed])}")
             rows, samples, fleet = fleet_run(a, url, result["budget"]["bytes"], out)
             before, after = fleet.pop("metrics_before"), fleet.pop("metrics_after")
             result.update(fleet)
+            rate = len(rows) / a.seconds  # the fleet's request rate, offered to the 1-model server
             with bench_lock(True):
-                ref_rows += drive(one, a.reference_seconds / 2, 5)
+                paced = drive(replace(one, rate=rate), a.reference_seconds / 2, 5)
+            log(f"1-model server, paced at {rate:.0f}/s: {stats_ms([r[2] for r in paced])}")
     t_traffic = result["phases"]["traffic_from_s"]
-    result["traffic"] = analyse(rows, ref_rows, samples, before, after, t_traffic, a.slack)
+    result["traffic"] = analyse(rows, (paced, closed), samples, before, after, t_traffic, a.slack)
+    result["traffic"]["reference_rate_rps"] = round(rate, 1)
     result["samples"] = [
         {k: v for k, v in vars(s).items() if k != "loads"} | {"t": round(s.t, 2)} for s in samples
     ]
@@ -928,7 +951,7 @@ def targets(r: dict[str, Any]) -> list[report.Target]:
             )
             out.append(
                 report.Target(
-                    f"{what}: {q} / 1-model server's",
+                    f"{what}: {q} / 1-model server's at the same rate",
                     value,
                     f"<= {WARM_RATIO_TARGET}x",
                     verdict(None if x is None else x <= WARM_RATIO_TARGET),
@@ -1061,10 +1084,12 @@ def traffic_lines(r: dict[str, Any]) -> list[tuple[str, str]]:
             f"{report.fmt_ms(t['warm_model0']['p99_ms'])})",
         ),
         (
-            "1-model server p50 / p99 ms",
+            f"1-model server p50 / p99 ms, at {t['reference_rate_rps']}/s",
             f"{report.fmt_ms(t['reference_model0']['p50_ms'])} / "
             f"{report.fmt_ms(t['reference_model0']['p99_ms'])} "
-            f"({t['reference_model0']['n']:,} requests)",
+            f"({t['reference_model0']['n']:,} requests; closed loop at c="
+            f"{r['settings']['concurrency']}: {report.fmt_ms(t['reference_model0_closed_loop']['p50_ms'])}"
+            f" / {report.fmt_ms(t['reference_model0_closed_loop']['p99_ms'])})",
         ),
         (
             "cold from cache p50 / p99 ms",
@@ -1115,8 +1140,11 @@ def markdown(r: dict[str, Any], figure: str) -> str:
         "",
         f"Traffic: Zipf(s={s['zipf']}) over the models (model 0 the most requested), HTTP/JSON V2 "
         f"infer, one row, httpx async client at concurrency {s['concurrency']}, {s['seconds']} s "
-        f"after {s['warmup']} s of warm-up; the 1-model reference (model 0 only, the same client) "
-        f"{s['reference_seconds'] / 2:g} s before and {s['reference_seconds'] / 2:g} s after.",
+        f"after {s['warmup']} s of warm-up. The 1-model server (model 0 only, the same client): "
+        f"{s['reference_seconds'] / 2:g} s closed loop at the same concurrency before, and "
+        f"{s['reference_seconds'] / 2:g} s after paced at the catalogue run's request rate "
+        f"({r['traffic']['reference_rate_rps']}/s); the warm-latency ratios use the paced run (the "
+        "same traffic, minus the catalogue).",
         "",
         "## Start-up and idle memory",
         "",
@@ -1222,7 +1250,8 @@ def plot(json_path: Path, png: Path) -> None:
     top.legend(fontsize=8)
     top.grid(alpha=0.3)
     labels = {
-        "reference": "1-model server",
+        "reference": "1-model server, same request rate",
+        "reference_closed": "1-model server, closed loop",
         "warm": "warm",
         "cold_cache": "cold, from cache",
         "cold_remote": "cold, from S3",
