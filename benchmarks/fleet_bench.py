@@ -1074,8 +1074,8 @@ def traffic_lines(r: dict[str, Any]) -> list[tuple[str, str]]:
         ),
         (
             "loads / evictions",
-            f"{loads if loads is not None else 'not exported'} loads, evictions "
-            f"{t['evictions_during_traffic'] or 'none exported'}",
+            f"{'not exported' if loads is None else f'{loads:.0f}'} loads; evictions: "
+            + (", ".join(f"{k} {v:.0f}" for k, v in t["evictions_during_traffic"].items()) or "-"),
         ),
         (
             "warm p50 / p99 ms",
@@ -1170,11 +1170,14 @@ def markdown(r: dict[str, Any], figure: str) -> str:
     out += [
         "## How requests are told cold",
         "",
-        "Possibly cold: the model's `inferplane_model_loads_total` rose in a 1 s sampling interval "
-        f"overlapping the request (widened by {c['slack_s']} s); cold: possibly cold and slower "
-        f"than the p99 of the certainly warm requests ({c['slow_threshold_ms']} ms this run). "
-        "From S3 when the model had not been loaded before (empty cache folder), else from the "
-        "cache. See the docstring of benchmarks/fleet_bench.py.",
+        "The server does not say per request. When a model's `inferplane_model_loads_total` rose "
+        "by k between two 1 s samples, the k slowest of its answered requests overlapping that "
+        f"interval (widened by {c['slack_s']} s) are cold, and so is any other overlapping one "
+        f"slower than {c['slow_threshold_ms']} ms ({c['slow_threshold_from']}); the other "
+        'overlapping ones are counted apart as "load overlapped, fast" (hits). From S3 when '
+        "the model had not been loaded before (empty cache folder), else from the cache. The "
+        "start-up rows: the catalogue server reads S3, the other two the same files on local "
+        "disk. See the docstring of benchmarks/fleet_bench.py.",
         "",
     ]
     if figure:
