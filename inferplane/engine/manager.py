@@ -526,6 +526,7 @@ class ModelManager:
         """(Re)read `name` and load all its versions now; they stay loaded (never evicted) until
         the repository API unloads them. A version already loaded with the same model.yaml
         keeps serving as it is; replaced versions serve until the new ones are ready."""
+        check_model_name(name)  # 400 before any repository path is built from it
         async with self._lock:
             configs, aliases = await asyncio.to_thread(self._read_model, name)
             old = self.models.get(name)

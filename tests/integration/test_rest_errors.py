@@ -173,17 +173,21 @@ def test_corrupt_failing_and_loading_models_leave_the_rest_serving(
     try:
         server.wait("/v2/health/live")
         with httpx.Client(base_url=server.url, timeout=30) as client:
-            # While `slow` loads: the server is live, not ready, and the model answers 503.
+            # While `slow` loads: the server is live, not ready; a request waits for the load
+            # within its deadline (504 past it), the model counts as ready (loadable).
             deadline = time.monotonic() + 20
             while client.get("/v2/models/slow/ready").status_code == 404:
                 assert time.monotonic() < deadline, server.log()
                 time.sleep(0.05)
             r = client.get("/v2/health/ready")
             assert r.status_code == 503 and r.json() == {"ready": False}
-            r = client.post("/v2/models/slow/infer",
+            r = client.post("/v2/models/slow/infer", headers={"x-inferplane-timeout-ms": "50"},
                             json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})  # fmt: skip
-            assert r.status_code == 503 and "loading" in r.json()["error"], r.text
-            assert client.get("/v2/models/slow/ready").json() == {"name": "slow", "ready": False}
+            assert r.status_code == 504 and "still loading" in r.json()["error"], r.text
+            assert client.get("/v2/models/slow/ready").json() == {"name": "slow", "ready": True}
+            r = client.post("/v2/models/slow/infer",  # no deadline: waits for the load
+                            json={"inputs": [{"name": "x", "datatype": "FP32", "shape": [1], "data": [1]}]})  # fmt: skip
+            assert r.status_code == 200 and r.json()["outputs"][0]["data"] == [2.0], r.text
 
             server.wait()  # ready once nothing is loading, although two models failed
             r = client.post("/v2/models/slow/infer",
@@ -220,7 +224,7 @@ def test_strict_readiness_holds_back_a_server_with_a_failed_model(tmp_path: Path
     try:
         server.wait("/v2/health/live")
         deadline = time.monotonic() + 30
-        while "failing version 1 unavailable" not in server.log():
+        while "failing version 1 failed to load" not in server.log():
             assert time.monotonic() < deadline, server.log()
             time.sleep(0.1)
         assert httpx.get(server.url + "/v2/health/ready").status_code == 503
