@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 
 def retry_after(seconds: float) -> tuple[bytes, bytes]:
     """The Retry-After header: whole seconds (RFC 9110 10.2.3), rounded up so that a client
@@ -87,6 +89,16 @@ class Unavailable(InferplaneError):
 
     def response_headers(self) -> list[tuple[bytes, bytes]]:
         return [] if self.retry_after_s is None else [retry_after(self.retry_after_s)]
+
+
+class CataloguePending(Unavailable):
+    """The model is listed but its model.yaml is not read yet (an on-demand server's first
+    seconds). Front ends `await wait()` (which reads it) and try once more instead of failing."""
+
+    def __init__(self, name: str, wait: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(f"model '{name}': its model.yaml is still being read; retry", 1.0)
+        self.name = name
+        self.wait = wait
 
 
 class Overloaded(Unavailable):

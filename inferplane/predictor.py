@@ -92,6 +92,8 @@ class InProcessPredictor:
         return target in self.services.compiled
 
     async def signature(self, target: str, version: str | None = None) -> Signature:
+        if self.manager.unread:
+            await self.manager.read_now(target)
         lv, _ = self.router.resolve(target, version)
         cfg = lv.config
         return Signature(
@@ -159,6 +161,8 @@ class InProcessPredictor:
         if version is None and target in self.services.compiled:
             routed = await self.services.predict(target, inputs, outputs, context)
             return Prediction(routed.outputs, routed.model, routed.version, routed.route)
+        if self.manager.unread:  # an on-demand server's first seconds: read its model.yaml now
+            await self.manager.read_now(target)
         lv, route = self.router.resolve(target, version)
         result = await self._run(lv, inputs, outputs, context.deadline, context)
         return Prediction(result, lv.name, lv.version, route)

@@ -140,6 +140,9 @@ async def _v2_http_error(request: Request, exc: Exception) -> Response:
 async def _start(deps: ServingDeps) -> None:
     """Models first, then the traffic policy that refers to them, then watch the policy."""
     await deps.manager.load_initial()
+    # On demand the server is ready already; the model.yaml files are read now (a request
+    # that names a model first reads its own at once), then pinned versions load.
+    await deps.manager.read_catalogue_if_pending()
     # Everything loaded so far (libraries, models) lives as long as the server: out of the
     # collector's sight, a full collection under load took 0.4-0.7 ms instead of ~28 ms (it ran
     # about every 4.5 s at 8,000 requests/s and stalled every request in flight).

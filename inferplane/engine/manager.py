@@ -16,6 +16,7 @@ its `idle_unload_s` is unloaded. Evicted versions come back on their next reques
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -40,6 +41,7 @@ from inferplane.engine.scheduler import Scheduler
 from inferplane.engine.stats import ExecutionTiming, VersionStats
 from inferplane.engine.warmup import warm_up
 from inferplane.errors import (
+    CataloguePending,
     DeadlineExceeded,
     InferplaneError,
     InternalError,
@@ -48,7 +50,7 @@ from inferplane.errors import (
 )
 from inferplane.observability.metrics import Metrics, VersionMetrics
 from inferplane.repository.schema import ModelConfig, check_model_name
-from inferplane.repository.store import Repository, verify
+from inferplane.repository.store import Repository
 from inferplane.runtimes import Runtime, create_runtime
 from inferplane.runtimes.base import PICKLE_POLICIES, check_pickles
 from inferplane.sizes import format_size
@@ -180,6 +182,11 @@ class ModelManager:
         self._measure_lock = threading.Lock()
         self._held: set[LoadedVersion] = set()  # versions holding memory: loading or loaded
         self._blocking = 0  # startup and repository-API loads in progress (server not ready)
+        # On demand: models listed at start whose model.yaml files are still being read (in the
+        # background, or at once by the first request that names one); empty once read.
+        self.unread: dict[str, list[int]] = {}
+        self._reading: dict[str, asyncio.Task[None]] = {}
+        self.catalogued: asyncio.Event | None = None  # set once every model.yaml is read
         budget = self.residency.memory_budget
         if budget is not None:
             metrics.memory_budget.set(budget)
@@ -190,10 +197,35 @@ class ModelManager:
 
     # the catalogue -----------------------------------------------------------------------
     async def load_initial(self) -> None:
-        """Read the catalogue (every model.yaml, no artifact), then load what loads at start:
-        every version in eager mode, pinned ones in on-demand mode. One failing model never
+        """Eager: read the catalogue (every model.yaml, no artifact), then load every version.
+        On demand: list the repository (no file read) and be ready; the model.yaml files are read
+        in the background (`read_catalogue`), then pinned versions load. One failing model never
         stops the others."""
-        self._blocking += 1
+        self.catalogued = asyncio.Event()
+        if self.residency.load != EAGER:
+            try:
+                self.unread = await asyncio.to_thread(self._index)
+            except InferplaneError as exc:
+                log.error("cannot list the repository: %s", exc.message)
+            log.info(
+                "index: %d models, %d versions in %s (model.yaml files read in the background)",
+                len(self.unread),
+                sum(len(v) for v in self.unread.values()),
+                self.repository.url,
+            )
+            self.started = True
+            return
+        await self.read_catalogue()
+        self.started = True
+
+    def _index(self) -> dict[str, list[int]]:
+        with self._repo_lock:
+            return self.repository.index(self.selected)
+
+    async def read_catalogue(self) -> None:
+        """Read every model.yaml (concurrently, no artifact) and load what loads at start.
+        Eager mode awaits it in `load_initial`; on demand the server runs it after start (the
+        server is ready meanwhile: pinned versions load while it serves)."""
         try:
             try:
                 catalogue = await asyncio.to_thread(self._read_catalogue)
@@ -201,7 +233,9 @@ class ModelManager:
                 log.error("cannot list the repository: %s", exc.message)
                 catalogue = {}
             for name, (configs, aliases) in catalogue.items():
-                self.models[name] = self._new_entry(name, configs, aliases)
+                if name not in self.models:  # a request may have read it first
+                    self.models[name] = self._new_entry(name, configs, aliases)
+            self.unread.clear()
             if self.selected:
                 for name in self.selected:
                     if name not in catalogue:
@@ -216,11 +250,38 @@ class ModelManager:
                 self.repository.url,
             )
             for lv in at_start:
-                if self._loads_at_start(lv):
+                if self._loads_at_start(lv) and lv.state is State.UNLOADED:
                     await self._load_logged(lv, STARTUP)
         finally:
-            self._blocking -= 1
-        self.started = True
+            if self.catalogued is not None:
+                self.catalogued.set()
+
+    async def read_catalogue_if_pending(self) -> None:
+        """On demand, after `load_initial`: read the model.yaml files (see read_catalogue)."""
+        if self.catalogued is not None and not self.catalogued.is_set():
+            await self.read_catalogue()
+
+    async def read_now(self, name: str) -> None:
+        """Read one listed model's model.yaml files now (a request names it before the
+        background read got to it); requests for the same model share the read."""
+        if name not in self.unread:
+            return
+        task = self._reading.get(name)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._read_one(name))
+            self._reading[name] = task
+        await asyncio.shield(task)
+
+    async def _read_one(self, name: str) -> None:
+        try:
+            configs, aliases = await asyncio.to_thread(self._read_model, name)
+            if name in self.unread and name not in self.models:
+                self.models[name] = self._new_entry(name, configs, aliases)
+        except InferplaneError as exc:
+            log.error("model %s: %s", name, exc.message)  # unreadable: unknown from now on
+        finally:
+            self.unread.pop(name, None)
+            self._reading.pop(name, None)
 
     def _read_catalogue(self) -> dict[str, tuple[list[ModelConfig], dict[str, int]]]:
         with self._repo_lock:
@@ -234,7 +295,10 @@ class ModelManager:
         return out
 
     def repository_models(self) -> list[str]:
-        """Model names in the repository, loaded or not (blocking I/O: call it in a thread)."""
+        """Model names in the repository, loaded or not (blocking I/O: call it in a thread). On
+        demand without --model the catalogue already holds them all: no listing."""
+        if self.residency.load != EAGER and not self.selected and self.started:
+            return sorted(set(self.models) | set(self.unread))
         with self._repo_lock:
             return self.repository.list_models()
 
@@ -407,9 +471,9 @@ class ModelManager:
 
     def _prepare(self, config: ModelConfig) -> tuple[Runtime, str]:
         """The version's runtime, constructed but not loaded, and where its files came from."""
-        with self._repo_lock:
-            local_dir, source = self.repository.fetch_with_source(config)
-        verify(config, local_dir)
+        # Verified against model.yaml's sha256 as it returns; safe in parallel (the artifact
+        # cache serializes fetches of one version), so cold loads download side by side.
+        local_dir, source = self.repository.fetch_with_source(config)
         runtime = create_runtime(config, local_dir)
         check_pickles(runtime, self.pickles)  # here, once: worker processes load it again
         return runtime, source
@@ -592,6 +656,8 @@ class ModelManager:
     def entry(self, name: str) -> ModelEntry:
         entry = self.models.get(name)
         if entry is None:
+            if name in self.unread:
+                raise CataloguePending(name, functools.partial(self.read_now, name))
             raise NotFound(f"unknown model '{name}'")
         if entry.unloaded:
             raise Unavailable(f"model '{name}' is unloaded")
@@ -615,16 +681,16 @@ class ModelManager:
 
     def residency_report(self) -> dict[str, Any]:
         """The server-wide view behind `/inferplane/models`."""
+        rows = [lv.residency() for entry in self.models.values() for lv in entry.versions.values()]
+        for name, versions in self.unread.items():
+            rows.extend(_unread_row(name, v) for v in versions)
+        rows.sort(key=lambda row: (row["name"], int(row["version"])))
         return {
             "load": self.residency.load,
             "memory_budget_bytes": self.residency.memory_budget,
             "resident_bytes": sum(lv.reserved for lv in self._held),
             "models_resident": sum(1 for lv in self._held if lv.state is State.READY),
-            "versions": [
-                lv.residency()
-                for _, entry in sorted(self.models.items())
-                for _, lv in sorted(entry.versions.items())
-            ],
+            "versions": rows,
         }
 
     # running -----------------------------------------------------------------------------
@@ -655,6 +721,16 @@ class ModelManager:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
         lv.last_used = time.monotonic()
         return scheduler.submit(inputs, outputs, deadline, priority, oversize)
+
+
+def _unread_row(name: str, version: int) -> dict[str, Any]:
+    return {
+        "name": name,
+        "version": str(version),
+        "state": State.UNLOADED.value,
+        "reason": "model.yaml not read yet",
+        "loads": 0,
+    }
 
 
 def _free_after(scheduler: Scheduler) -> None:

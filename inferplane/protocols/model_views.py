@@ -74,11 +74,22 @@ def model_config(config: ModelConfig, platform: str) -> dict[str, Any]:
 
 
 def repository_index(
-    names_in_repository: list[str], loaded: dict[str, ModelEntry], ready_only: bool
+    names_in_repository: list[str],
+    loaded: dict[str, ModelEntry],
+    ready_only: bool,
+    unread: dict[str, list[int]] | None = None,
 ) -> list[dict[str, Any]]:
+    """Triton's index rows; `unread`: listed models whose model.yaml is not read yet."""
     rows: list[dict[str, Any]] = []
-    for name in sorted(set(names_in_repository) | set(loaded)):
+    unread = unread or {}
+    for name in sorted(set(names_in_repository) | set(loaded) | set(unread)):
         entry = loaded.get(name)
+        if entry is None and name in unread:
+            rows.extend(
+                {"name": name, "version": str(v), "state": "UNLOADED", "reason": ""}
+                for v in unread[name]
+            )
+            continue
         if entry is None:
             rows.append({"name": name, "state": "UNLOADED", "reason": "not served (see --model)"})
             continue
@@ -128,7 +139,7 @@ def statistics(
 async def list_repository(manager: ModelManager, ready_only: bool) -> list[dict[str, Any]]:
     """The repository index: every model in the repository or loaded, with its state."""
     names = await asyncio.to_thread(manager.repository_models)
-    return repository_index(names, manager.models, ready_only)
+    return repository_index(names, manager.models, ready_only, dict(manager.unread))
 
 
 async def load_model(manager: ModelManager, name: str) -> ModelEntry:

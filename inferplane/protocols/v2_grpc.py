@@ -37,7 +37,7 @@ from inferplane.edge.access import ADMIN, INFER, READ
 from inferplane.edge.identity import Principal
 from inferplane.edge.quotas import NO_LEASE
 from inferplane.engine.scheduler import batch_rows
-from inferplane.errors import BadRequest, DeadlineExceeded, InferplaneError
+from inferplane.errors import BadRequest, CataloguePending, DeadlineExceeded, InferplaneError
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import Prediction, RequestContext
 from inferplane.protocols import grpc_transport, model_views
@@ -181,7 +181,11 @@ def guarded(handler: Unary) -> Unary:
     @functools.wraps(handler)
     async def wrapper(self: Any, request: Any, context: Any) -> Any:
         try:
-            return await handler(self, request, context)
+            try:
+                return await handler(self, request, context)
+            except CataloguePending as pending:  # read that model.yaml now, then answer
+                await pending.wait()
+                return await handler(self, request, context)
         except InferplaneError as exc:
             code, message = _status_code(exc), exc.message
         except Exception:

@@ -14,7 +14,7 @@ from starlette.routing import Route
 from inferplane.edge.access import ADMIN, READ
 from inferplane.edge.identity import Principal
 from inferplane.engine.manager import LoadedVersion, ModelEntry
-from inferplane.errors import BadRequest, InferplaneError
+from inferplane.errors import BadRequest, CataloguePending, InferplaneError
 from inferplane.protocols import model_views
 from inferplane.protocols.deps import EXTENSIONS, ServingDeps
 from inferplane.protocols.v2_codec import API_KEY_HEADER, dumps, loads
@@ -93,7 +93,11 @@ def guarded(handler: Handler) -> Handler:
 
     async def wrapper(request: Request) -> Response:
         try:
-            return await handler(request)
+            try:
+                return await handler(request)
+            except CataloguePending as pending:  # read that model.yaml now, then answer
+                await pending.wait()
+                return await handler(request)
         except InferplaneError as exc:
             return error_response(exc)
         except Exception:

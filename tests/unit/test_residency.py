@@ -110,9 +110,12 @@ def artifact_size(repo: Repository, name: str = "m1") -> int:
     return os.path.getsize(os.path.join(repo.version_path(name, 1), config.artifact))
 
 
-async def _open(repo: Repository, **options: object) -> InProcessPredictor:
+async def _open(repo: Repository, lazy: bool = False, **options: object) -> InProcessPredictor:
+    """The engine as the server starts it: listed, then (unless `lazy`) every model.yaml read."""
     manager = ModelManager(repo, Metrics(), residency=ResidencyOptions(**options))  # type: ignore[arg-type]
     await manager.load_initial()
+    if not lazy:
+        await manager.read_catalogue_if_pending()
     return InProcessPredictor(manager)
 
 
@@ -151,6 +154,30 @@ async def test_on_demand_reads_the_catalogue_and_loads_nothing(repo: Repository)
         assert await ask(predictor, 3) == 3.0
         assert state(manager, 3) is State.READY and loads(manager, "first_use") == 1
         assert state(manager, 2) is State.UNLOADED
+    finally:
+        await predictor.aclose()
+
+
+async def test_on_demand_is_ready_from_the_listing_and_reads_a_named_model_first(
+    repo: Repository,
+) -> None:
+    from inferplane.protocols.model_views import repository_index
+
+    repo.set_alias("m5", "production", 1)
+    predictor = await _open(repo, lazy=True, load="on-demand", pin_aliases=("production",))
+    manager = predictor.manager
+    try:
+        assert manager.ready and manager.models == {} and len(manager.unread) == N_MODELS
+        rows = repository_index([], manager.models, False, manager.unread)
+        assert [(r["name"], r["state"]) for r in rows] == [
+            (f"m{i}", "UNLOADED") for i in range(1, 7)
+        ]
+        assert await ask(predictor, 3) == 3.0  # reads m3's model.yaml, then loads it
+        assert set(manager.models) == {"m3"} and "m3" not in manager.unread
+        await manager.read_catalogue_if_pending()
+        assert manager.unread == {} and len(manager.models) == N_MODELS
+        assert state(manager, 5) is State.READY  # pinned: loaded once its alias was read
+        assert state(manager, 3) is State.READY and loads(manager) == 2
     finally:
         await predictor.aclose()
 
