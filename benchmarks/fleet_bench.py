@@ -9,9 +9,8 @@
    credentials in the environment of every process); the first model is registered with
    `inferplane models register ... --repository s3://fleet/models`, the others with the Python
    API (`inferplane.repository.register.register`) in a process pool;
-3. budget: `--resident` models' worth (default N/10): the footprint of one model as the server
-   reports it (`inferplane_resident_bytes` of a server holding that one model), else as measured
-   in a separate process (RSS growth per ONNX Runtime session);
+3. budget: `--resident` models' worth (default N/10, at least 2 x concurrency): one model's worth is the median of the
+   footprints the server measured for 9 models it loaded eagerly (GET /inferplane/models);
 4. start-up: `inferplane serve --repository s3://... --load on-demand --memory-budget B
    --cache-dir <empty>`; seconds from the process start to /v2/health/ready 200 and to
    POST /v2/repository/index listing all N; then its idle RSS/PSS (with child processes);
@@ -89,6 +88,7 @@ S3_ENV = {
 }
 RSS_HEADROOM = 250 * 2**20  # issue 14: server RSS <= budget + 250 MiB
 WARM_RATIO_TARGET = 1.2
+CALIBRATION = 9  # models a server loads eagerly to measure one model's footprint
 METRIC_PREFIXES = (
     "inferplane_model_load",
     "inferplane_model_evictions",
@@ -601,6 +601,7 @@ def analyse(
     during = [s for s in samples if s.t >= t_traffic]
     rss_max = max((s.rss for s in during), default=None)
     resident = [s.resident_bytes for s in during if s.resident_bytes is not None]
+    held = [s.models_resident for s in during if s.models_resident is not None]
     span = max((r[1] + r[2] for r in rows), default=0) - min((r[1] for r in rows), default=0)
     fleet_warm, fleet_top, reference = stats_ms(warm_all), stats_ms(warm_top), stats_ms(ref)
     return {
@@ -630,6 +631,8 @@ def analyse(
         "cold_remote": stats_ms(by_kind["cold-remote"]),
         "server_load_seconds": server_load,
         "resident_bytes_max": max(resident) if resident else None,
+        "models_resident_mean": round(sum(held) / len(held), 1) if held else None,
+        "models_resident_max": max(held) if held else None,
         "rss_max_bytes": rss_max,
         "distinct_models_requested": len({r[0] for r in rows}),
         "cdf_ms": {
@@ -643,33 +646,6 @@ def analyse(
 
 
 # --- the budget and the peer ------------------------------------------------------------------------
-
-
-def _session_footprint(path: str, k: int) -> int:
-    """Process-pool worker: RSS growth per ONNX Runtime session of `path` (k sessions)."""
-    import onnxruntime as ort
-
-    def rss() -> int:
-        return batch_bench.TreeMemory._field("/proc/self/status", "VmRSS:") * 1024
-
-    base, sessions = rss(), []
-    for _ in range(k):
-        sessions.append(ort.InferenceSession(path, providers=["CPUExecutionProvider"]))
-    return (rss() - base) // k
-
-
-def footprint(reference: dict[str, Any] | None, path: Path) -> tuple[int, str]:
-    """Bytes one model takes: the server's own figure when it exports one, else measured."""
-    held = metric_sum(reference or {}, "inferplane_resident_bytes")
-    if held:
-        return int(held), "inferplane_resident_bytes of the reference server (1 model)"
-    with concurrent.futures.ProcessPoolExecutor(
-        1, mp_context=multiprocessing.get_context("spawn")
-    ) as pool:
-        per = pool.submit(_session_footprint, str(path), 8).result()
-    return max(
-        per, path.stat().st_size
-    ), "RSS growth per ONNX Runtime session (8 sessions, own process)"
 
 
 def mlserver_repo(folder: Path, paths: list[Path], http: int, grpc: int, metrics: int) -> None:
@@ -776,11 +752,11 @@ def measure(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     with moto_s3(out) as url:
         log(f"moto_server at {os.environ['AWS_ENDPOINT_URL']}: registering {a.models} in {url}")
         result["registration"] = register_catalogue(url, paths, a.register_workers)
+        result["budget"] = budget(a, url, out)
         port = host.free_port()
         base = f"http://127.0.0.1:{port}"
         with serve(inferplane_cmd(url, port, "--model", model_name(0)), out, "reference") as ref:
             start_up(ref, base, {model_name(0)}, time.monotonic(), a.startup_timeout)
-            result["budget"] = budget(a, base, paths[0])
             one = Load(base, 1, None, a.concurrency)
             drive(one, a.reference_warmup, 1)
             with bench_lock(True):
@@ -806,19 +782,36 @@ def measure(a: argparse.Namespace, out: Path) -> dict[str, Any]:
     return result
 
 
-def budget(a: argparse.Namespace, base: str, path: Path) -> dict[str, Any]:
-    """The memory budget: given, or --resident models' footprint (see footprint())."""
+def budget(a: argparse.Namespace, url: str, out: Path) -> dict[str, Any]:
+    """The memory budget: given, or --resident models' worth. One model's worth is the median of
+    the footprints the server itself measured (GET /inferplane/models) over CALIBRATION models
+    loaded eagerly: the first load in a process also carries one-time costs (ONNX Runtime's
+    thread pools and allocator), which the median leaves out."""
     import httpx
 
-    with httpx.Client() as c:
-        per_model, how = footprint(scrape(c, base), path)
-    total = a.memory_budget or per_model * a.resident
     if a.memory_budget:
-        log(f"budget {total / 2**20:.0f} MiB (given)")
-    else:
-        log(f"budget {total / 2**20:.0f} MiB: {a.resident} x {per_model / 2**20:.1f} MiB ({how})")
+        log(f"budget {a.memory_budget / 2**20:.0f} MiB (given)")
+        return {"bytes": a.memory_budget, "given": True}
+    names = [model_name(i) for i in range(min(CALIBRATION, a.models))]
+    port = host.free_port()
+    flags = [f for n in names for f in ("--model", n)]
+    cmd = inferplane_cmd(url, port, *flags, "--cache-dir", str(out / "calibration-cache"))
+    with serve(cmd, out, "calibration") as proc:
+        base = f"http://127.0.0.1:{port}"
+        start_up(proc, base, set(names), time.monotonic(), a.startup_timeout)
+        try:
+            versions = httpx.get(f"{base}/inferplane/models", timeout=30).json()["versions"]
+        except (httpx.HTTPError, ValueError, KeyError) as exc:
+            raise SystemExit(f"no footprints from GET /inferplane/models ({exc}): pass --memory-budget") from None  # fmt: skip
+    sizes = sorted(v["footprint_bytes"] for v in versions if v.get("footprint_bytes"))
+    if not sizes:
+        raise SystemExit("GET /inferplane/models reports no footprint: pass --memory-budget")
+    per_model = int(stream_bench.percentile(sizes, 50))
+    total = per_model * a.resident
+    how = f"median of {len(sizes)} footprints measured by the server, {mib(sizes[0])} to {mib(sizes[-1])}"  # fmt: skip
+    log(f"budget {mib(total)}: {a.resident} x {per_model / 2**20:.1f} MiB ({how})")
     return {"bytes": total, "per_model_bytes": per_model, "per_model_from": how,
-            "resident_models": a.resident, "given": bool(a.memory_budget)}  # fmt: skip
+            "footprints_bytes": sizes, "resident_models": a.resident, "given": False}  # fmt: skip
 
 
 def fleet_run(
@@ -1117,6 +1110,10 @@ def traffic_lines(r: dict[str, Any]) -> list[tuple[str, str]]:
             else f"{mib(b['bytes'])} (given)",
         ),
         ("max resident bytes / RSS", f"{mib(t['resident_bytes_max'])} / {mib(t['rss_max_bytes'])}"),
+        (
+            "models resident during traffic",
+            f"mean {t['models_resident_mean']}, max {t['models_resident_max']}",
+        ),
     ]
     return lines
 
@@ -1280,7 +1277,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--models", type=int, default=1000, help="catalogue size")
-    ap.add_argument("--resident", type=int, help="models the budget holds (default: models / 10)")
+    ap.add_argument(
+        "--resident",
+        type=int,
+        help="models the budget holds (default: models / 10, at least twice the concurrency)",
+    )
     ap.add_argument(
         "--memory-budget", help="bytes or e.g. 300MiB (default: --resident models' footprint)"
     )
@@ -1311,7 +1312,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             min(a.warmup, 3),
             min(a.reference_seconds, 10),
         )
-    a.resident = a.resident or max(1, a.models // 10)
+    # below the concurrency's worth of models the budget refuses loads (503) by design
+    a.resident = a.resident or min(a.models, max(a.models // 10, 2 * a.concurrency))
     a.compare_models = min(a.compare_models, a.models)
     return a
 
