@@ -12,11 +12,11 @@ import asyncio
 import os
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import write_onnx_model
 
 from inferplane.context import RequestContext
 from inferplane.engine import manager as manager_module
@@ -85,11 +85,11 @@ N_MODELS = 6
 
 
 @pytest.fixture
-def repo(tmp_path: Path) -> Repository:
+def repo(tmp_path: Path, make_onnx_model: Callable[..., str]) -> Repository:
     """Models m1..m6; model mi sums i features, so its answer to ones is i."""
     repository = Repository(str(tmp_path / "repo"))
     for i in range(1, N_MODELS + 1):
-        path = write_onnx_model(tmp_path / f"src/m{i}.onnx", n_features=i)
+        path = make_onnx_model(tmp_path / f"src/m{i}.onnx", n_features=i)
         register(
             repository,
             f"m{i}",
