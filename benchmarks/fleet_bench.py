@@ -846,7 +846,15 @@ def fleet_run(
             f"when idle: {startup['models_loaded_at_idle']}")  # fmt: skip
         log(f"warm-up: {a.warmup} s of Zipf({a.zipf}) traffic, not counted")
         load = Load(base, a.models, zipf_cdf(a.models, a.zipf), a.concurrency)
-        drive(load, a.warmup, 3, t0)
+        t_warm = time.monotonic() - t0
+        warm = drive(load, a.warmup, 3, t0)
+        answered = [r[1] + r[2] - t_warm for r in warm if r[3] == 200]
+        # the first requests after start-up, 16 at once: how long until one is answered
+        startup["first_answer_s"] = round(min(answered), 2) if answered else None
+        startup["warmup_requests"] = len(warm)
+        startup["warmup_errors"] = sum(1 for r in warm if r[3] != 200)
+        log(f"warm-up: first answer {startup['first_answer_s']} s after the first requests, "
+            f"{len(warm)} requests, {startup['warmup_errors']} errors")  # fmt: skip
         before = scrape(client, base)
         t_traffic = time.monotonic() - t0
         log(f"traffic: Zipf({a.zipf}), {a.models} models, c={a.concurrency}, {a.seconds} s")
@@ -1010,9 +1018,7 @@ def startup_rows(r: dict[str, Any]) -> list[list[str]]:
     rows = []
     for p in [r["startup"], *r["peers"]]:
         if "skipped" in p:
-            rows.append(
-                [p["server"], str(p["models"]), "-", "-", "-", "-", "-", f"skipped: {p['skipped']}"]
-            )
+            rows.append([p["server"], str(p["models"]), *["-"] * 6, f"skipped: {p['skipped']}"])
             continue
         vs = (
             ""
@@ -1027,6 +1033,7 @@ def startup_rows(r: dict[str, Any]) -> list[list[str]]:
                 str(p["models"]),
                 f"{p['ready_s']:.2f}",
                 f"{p['index_s']:.2f}",
+                "-" if p.get("first_answer_s") is None else f"{p['first_answer_s']:.2f}",
                 mib(p["idle_rss_bytes"]),
                 mib(p["idle_pss_bytes"]),
                 ", ".join(f"{k} {v}" for k, v in p["index_states"].items()),
@@ -1041,6 +1048,7 @@ STARTUP_HEAD = [
     "models",
     "ready s",
     "index s",
+    "1st answer s",
     "idle RSS",
     "idle PSS",
     "index states",
@@ -1148,6 +1156,11 @@ def markdown(r: dict[str, Any], figure: str) -> str:
         "| " + " | ".join(STARTUP_HEAD) + " |",
         "|" + "---|" * len(STARTUP_HEAD),
         *("| " + " | ".join(row) + " |" for row in startup_rows(r)),
+        "",
+        "ready s / index s: from the process start to `/v2/health/ready` 200 / to "
+        "`POST /v2/repository/index` listing every model; idle RSS/PSS 2 s after both, server and "
+        "children; 1st answer s: the first infer requests (the warm-up's, "
+        f"{s['concurrency']} at once) to the first answer.",
         "",
         "## Traffic",
         "",
