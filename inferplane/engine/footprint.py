@@ -14,6 +14,7 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import time
 from functools import cache
 
 log = logging.getLogger("inferplane.engine")
@@ -56,9 +57,19 @@ def _libc() -> ctypes.CDLL | None:
         return None
 
 
+_TRIM_EVERY_S = 1.0
+_last_trim = [0.0]
+
+
 def return_free_memory() -> None:
     """Hand the heap memory freed by an unload back to the system (glibc keeps it otherwise), so
-    that the process's resident set follows what is loaded, not what once was."""
+    that the process's resident set follows what is loaded, not what once was. At most once a
+    second: malloc_trim walks and locks every arena, stalling other threads' allocations, and
+    a busy catalogue evicts many times a second."""
+    now = time.monotonic()
+    if now - _last_trim[0] < _TRIM_EVERY_S:
+        return
+    _last_trim[0] = now
     libc = _libc()
     trim = getattr(libc, "malloc_trim", None) if libc is not None else None
     if trim is not None:
