@@ -61,13 +61,14 @@ _TRIM_EVERY_S = 1.0
 _last_trim = [0.0]
 
 
-def return_free_memory() -> None:
+def return_free_memory(force: bool = False) -> None:
     """Hand the heap memory freed by an unload back to the system (glibc keeps it otherwise), so
     that the process's resident set follows what is loaded, not what once was. At most once a
     second: malloc_trim walks and locks every arena, stalling other threads' allocations, and
-    a busy catalogue evicts many times a second."""
+    a busy catalogue evicts many times a second. `force`: now, whatever the last time was (a
+    load about to be measured: heap freed earlier would be reused by it and hide its growth)."""
     now = time.monotonic()
-    if now - _last_trim[0] < _TRIM_EVERY_S:
+    if not force and now - _last_trim[0] < _TRIM_EVERY_S:
         return
     _last_trim[0] = now
     libc = _libc()

@@ -57,6 +57,9 @@ from inferplane.sizes import format_size
 
 log = logging.getLogger("inferplane.engine")
 
+ROOM_WAIT_S = 30.0  # longest a load waits for busy versions to free budget room
+_ROOM_POLL_S = 0.005
+
 
 class State(StrEnum):
     UNLOADED = "UNLOADED"  # known from model.yaml, not in memory (on-demand, or unloaded)
@@ -95,6 +98,7 @@ class LoadedVersion:
     loadable: bool = True  # False after an explicit unload of a version that is not on-demand
     idle_unload_s: float | None = None
     footprint: int | None = None  # bytes its last load measured
+    measured: list[int] = field(default_factory=list)  # its last three measured footprints
     reserved: int = 0  # bytes it counts against the budget now
     last_used: float = 0.0  # time.monotonic() of its last request
     waiters: int = 0  # requests waiting for its load
@@ -396,13 +400,13 @@ class ModelManager:
         labels = (lv.name, lv.version)
         try:
             runtime, source = await asyncio.to_thread(self._prepare, lv.config)
-            estimate = lv.footprint or lv.config.memory_hint or runtime.memory_bytes()
+            estimate = self._estimate(lv) or lv.config.memory_hint or runtime.memory_bytes()
             try:
-                self._admit(lv, estimate)
+                await self._room(lv, estimate, reason)
             except BudgetExhausted as exc:  # the runtime is not loaded yet: nothing to free
-                lv.state, lv.reason = before, str(exc)  # not a failure: loadable once room frees
+                lv.state, lv.reason = before, str(exc)  # not a failure: loadable later
                 log.warning("model %s version %s not loaded: %s", *labels, exc)
-                raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}") from None
+                raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}", 1.0) from None
             runtime, on_loop, footprint = await asyncio.to_thread(self._start, runtime, lv.config)
         except Unavailable:
             if lv.state is State.LOADING:
@@ -415,15 +419,18 @@ class ModelManager:
         except Exception as exc:  # a framework's own error while loading a bad artifact
             self._failed(lv, f"load failed: {type(exc).__name__}: {exc}")
             raise Unavailable(self._failure_message(lv), lv.retry_at - time.monotonic()) from None
-        lv.footprint = lv.reserved = footprint
         try:
-            self._fit(lv)
+            await self._room(lv, footprint, reason)  # it may have measured more than reserved
         except BudgetExhausted as exc:
+            # The figure is not kept: a first load in a process also measures the framework's
+            # one-time start-up, and that must not keep the version out for good.
             runtime.unload()
             self._release(lv)
             lv.state, lv.reason, lv.load_task = before, f"measured {exc}", None
             log.warning("model %s version %s unloaded again: %s", *labels, exc)
-            raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}") from None
+            raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}", 1.0) from None
+        lv.footprint = footprint
+        lv.measured = [*lv.measured[-2:], footprint]
         lv.runtime, lv.platform = runtime, runtime.model_platform
         lv.observe = lv.observe or VersionMetrics(self.metrics, lv.name, lv.version)
         lv.scheduler = Scheduler(
@@ -449,6 +456,14 @@ class ModelManager:
             format_size(footprint),
             _placement(lv),
         )
+
+    @staticmethod
+    def _estimate(lv: LoadedVersion) -> int | None:
+        """What a version is admitted with: the median of its last three measured loads (one
+        load's measurement also counts what other threads allocated meanwhile)."""
+        if not lv.measured:
+            return None
+        return sorted(lv.measured)[len(lv.measured) // 2]
 
     def _failed(self, lv: LoadedVersion, reason: str) -> None:
         self._release(lv)
@@ -481,6 +496,7 @@ class ModelManager:
     def _start(self, runtime: Runtime, config: ModelConfig) -> tuple[Runtime, bool, int]:
         """Load and warm up `runtime`: (runtime, whether it runs on the event loop, footprint)."""
         with self._measure_lock:
+            return_free_memory(force=True)  # or the load reuses freed heap and looks smaller
             before = rss_bytes()
             if uses_processes(config, runtime):
                 runtime = ProcessRuntime(runtime)
@@ -510,19 +526,30 @@ class ModelManager:
             for lv in self._held
         ]
 
-    def _admit(self, lv: LoadedVersion, need: int) -> None:
-        """Reserve `need` bytes for `lv`, evicting LRU idle versions first (on the loop, no
-        await: no other request can change the residents meanwhile)."""
-        plan = plan_admission(self._residents(), need, self.residency.memory_budget)
-        self._evict_keys(plan.victims, MEMORY)
-        lv.reserved = need
-        self._held.add(lv)
-
-    def _fit(self, lv: LoadedVersion) -> None:
-        """After a load measured more than was reserved: evict others until it fits."""
+    async def _room(self, lv: LoadedVersion, need: int, reason: str) -> None:
+        """Count `need` bytes for `lv` (instead of what it counted so far), evicting least
+        recently used idle versions to make room. While only busy or loading versions stand in
+        the way (evictable once their requests end) it waits; BudgetExhausted at once when
+        pinned versions fill the budget, after ROOM_WAIT_S, or once no request waits for it.
+        The plan and the evictions run on the loop without an await between them: no other
+        request changes the residents meanwhile."""
         key = (lv.name, lv.config.version)
-        plan = plan_admission(self._residents(), lv.reserved, self.residency.memory_budget, key)
-        self._evict_keys(plan.victims, MEMORY)
+        give_up = time.monotonic() + ROOM_WAIT_S
+        while True:
+            try:
+                plan = plan_admission(
+                    self._residents(), need, self.residency.memory_budget, exclude=key
+                )
+            except BudgetExhausted as exc:
+                waited_for = lv.waiters > 0 or reason == EXPLICIT
+                if exc.lasting or time.monotonic() > give_up or not waited_for:
+                    raise
+                await asyncio.sleep(_ROOM_POLL_S)
+                continue
+            self._evict_keys(plan.victims, MEMORY)
+            lv.reserved = need
+            self._held.add(lv)
+            return
 
     def _evict_keys(self, keys: list[tuple[str, int]], why: str) -> None:
         for name, number in keys:
@@ -609,6 +636,7 @@ class ModelManager:
                     lv.held, lv.loadable = True, True
                     if lv.state is not State.READY:
                         await self._load_logged(lv, EXPLICIT)
+                    lv.held = lv.state is State.READY  # a refused load holds nothing
             finally:
                 self._blocking -= 1
             self.models[name] = entry

@@ -58,15 +58,25 @@ class Admission:
 class BudgetExhausted(Exception):
     """Nothing evictable frees enough memory for the version."""
 
-    def __init__(self, need: int, free: int, evictable: int, budget: int, held: int) -> None:
+    def __init__(
+        self, need: int, free: int, evictable: int, budget: int, held: int, pinned: int
+    ) -> None:
         self.need, self.free, self.evictable, self.budget, self.held = (
             need, free, evictable, budget, held
         )  # fmt: skip
+        self.pinned = pinned  # of `held`: bytes of pinned versions, which never free up
         super().__init__(
             f"memory budget exhausted: needs {format_size(need)}, {format_size(max(free, 0))} "
             f"free of {format_size(budget)} and {format_size(evictable)} evictable; "
-            f"{format_size(held)} held by pinned, busy or loading versions"
+            f"{format_size(held)} held by pinned, busy or loading versions "
+            f"({format_size(pinned)} pinned)"
         )
+
+    @property
+    def lasting(self) -> bool:
+        """Even with every busy or loading version idle again, it would not fit: only pinned
+        versions (and the budget) stand in the way, so waiting cannot help."""
+        return self.need > self.budget - self.pinned
 
 
 def plan_admission(
@@ -94,7 +104,8 @@ def plan_admission(
         if need <= free:
             return Admission(victims)
     evictable = sum(r.footprint for r in candidates)
-    raise BudgetExhausted(need, budget - used, evictable, budget, used - evictable)
+    pinned = sum(r.footprint for r in residents if r.key != exclude and r.pinned)
+    raise BudgetExhausted(need, budget - used, evictable, budget, used - evictable, pinned)
 
 
 def next_backoff(failures: int, options: ResidencyOptions) -> float:

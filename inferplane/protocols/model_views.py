@@ -6,7 +6,7 @@ import asyncio
 from typing import Any
 
 from inferplane.engine.manager import LoadedVersion, ModelEntry, ModelManager, State
-from inferplane.errors import BadRequest, InferplaneError, NotFound
+from inferplane.errors import BadRequest, CataloguePending, InferplaneError, NotFound
 from inferplane.repository.schema import ModelConfig, TensorDecl
 from inferplane.routing.router import Router
 
@@ -111,7 +111,7 @@ def model_ready(router: Router, name: str, version: str | None) -> bool:
     versions are simply not ready."""
     try:
         lv, _ = router.resolve(name, version)
-    except NotFound:
+    except (NotFound, CataloguePending):  # the front end reads a pending model.yaml and asks again
         raise
     except InferplaneError:
         return False

@@ -13,9 +13,6 @@ clients (httpx, tritonclient, the `inferplane models list --server` CLI):
   not retried in a loop;
 - a scikit-learn model in worker processes is budgeted with its workers' memory.
 
-Tests marked xfail show engine bugs found on the way (each reason says which); remove the mark
-once the engine is fixed (the strict ones fail by passing).
-
 Every model answers something only it would: model i takes i + 1 features and adds 1000 * i to
 their sum, so an answer from the wrong model (or a stale one) never passes.
 """
@@ -295,12 +292,6 @@ def test_on_demand_start_up_is_ready_without_loading_anything(started: StartUp) 
     assert not list(started.cache.rglob("*.onnx")), "an artifact was fetched without a request"
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="engine bug: /v2/models/m/ready answers 503 {ready: false} for a listed on-demand "
-    "model whose model.yaml the background read has not reached yet (model_views.model_ready "
-    "turns CataloguePending into False instead of reading it as the other handlers do)",
-)
 def test_a_listed_model_is_ready_as_soon_as_the_server_is(started: StartUp) -> None:
     answer = started.model_ready
     assert answer.status_code == 200 and answer.json() == {"name": "m07", "ready": True}, (
@@ -483,13 +474,6 @@ def test_traffic_over_50_models_under_a_budget_that_fits_5(fleet_traffic: Traffi
     assert metric(run.metrics, "inferplane_model_loads_total", reason="after_eviction") > 0
 
 
-@pytest.mark.xfail(
-    strict=False,
-    reason="engine: measured footprints of one model vary 1-5x between loads (freed heap "
-    "returned by malloc_trim after evictions is grown again by the next load's transient "
-    "allocations, and concurrent fetches are counted too), the last measurement is the next "
-    "load's estimate, and a cold request that finds no room is refused at once: 503s",
-)
 def test_traffic_under_a_budget_that_fits_5_gets_no_5xx(fleet_traffic: TrafficRun) -> None:
     run = fleet_traffic
     refused = [o for o in run.first_pass + run.outcomes if o[1] >= 500]
@@ -497,38 +481,6 @@ def test_traffic_under_a_budget_that_fits_5_gets_no_5xx(fleet_traffic: TrafficRu
         f"{len(refused)} of {len(run.first_pass) + len(run.outcomes)} requests refused, budget "
         f"{run.budget / MIB:.1f} MiB; first: {refused[:3]}"
     )
-
-
-# --- B. a measurement over the budget ----------------------------------------------------------
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a version whose load measured more than the budget (the first load of "
-    "a process also carries ONNX Runtime's one-time start-up) keeps that figure as the "
-    "estimate of every later load and is refused at admission forever, even by an empty server",
-)
-def test_a_version_refused_by_its_first_measurement_loads_once_it_fits(
-    fleet: Fleet, fleet_budget: int, tmp_path: Path, servers: list[ServerProcess]
-) -> None:
-    budget = int(fleet_budget / SLOTS * 1.5)  # one model and a half, as measured by the probe
-    server = serve(
-        servers, fleet.url, tmp_path, "--load", "on-demand", "--memory-budget", str(budget)
-    )
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        first = infer(client, 0)
-        if first.status_code == 200:
-            pytest.skip("the first load of this process fit the budget: nothing to show")
-        assert first.status_code == 503 and EXHAUSTED in first.json()["error"], first.text
-        # a model just like it loads in this budget ...
-        loaded = [i for i in range(1, 8) if correct(infer(client, i), i)]
-        assert loaded, "no model of the fleet fits the budget"
-        for i in loaded:
-            assert client.post(f"/v2/repository/models/{name(i)}/unload").status_code == 200
-        assert residency(server)["resident_bytes"] == 0
-        # ... and so does m00, now that the server holds nothing
-        again = infer(client, 0)
-        assert again.status_code == 200, again.text
 
 
 # --- 2. a budget nothing can be evicted from ----------------------------------------------------
@@ -582,11 +534,6 @@ def test_a_budget_held_by_unevictable_versions_answers_503_at_once(
         assert correct(answer, target), answer.text
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a repository-API load that the budget refuses (400) leaves the version "
-    "marked held; the next plain request then loads it as held, never to be evicted",
-)
 def test_a_refused_repository_load_does_not_hold_the_version_later(
     fleet: Fleet, fleet_budget: int, tmp_path: Path, servers: list[ServerProcess]
 ) -> None:

@@ -259,7 +259,9 @@ async def test_budget_exhausted_answers_503_at_once(repo: Repository) -> None:
         await predictor.aclose()
 
 
-async def test_a_busy_version_is_not_evicted(repo: Repository) -> None:
+async def test_a_busy_version_is_not_evicted_and_a_cold_request_waits_for_it(
+    repo: Repository,
+) -> None:
     size = artifact_size(repo, "m6")
     predictor = await _open(repo, load="on-demand", memory_budget=int(size * 1.5))
     manager = predictor.manager
@@ -267,12 +269,52 @@ async def test_a_busy_version_is_not_evicted(repo: Repository) -> None:
         assert await ask(predictor, 1) == 1.0
         lv = manager.models["m1"].versions[1]
         lv.waiters += 1  # a request of m1 in flight, as far as eviction can tell
-        with pytest.raises(Unavailable, match="memory budget exhausted"):
-            await ask(predictor, 2)
-        assert state(manager, 1) is State.READY
-        lv.waiters -= 1
-        assert await ask(predictor, 2) == 2.0
+        cold = asyncio.ensure_future(ask(predictor, 2))
+        await asyncio.sleep(0.2)
+        assert not cold.done() and state(manager, 1) is State.READY  # waits, m1 stays
+        lv.waiters -= 1  # m1's request ended: now it can go
+        assert await asyncio.wait_for(cold, 5) == 2.0
         assert state(manager, 1) is State.EVICTED
+    finally:
+        await predictor.aclose()
+
+
+async def test_a_measurement_over_the_budget_is_not_kept(
+    repo: Repository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first load of a process also measures the framework's one-time start-up: refused
+    once, the version must load on a later request, not be kept out by that figure forever."""
+    size = artifact_size(repo, "m6")
+    readings = iter([100 << 20, (100 << 20) + 10 * size])  # the first load grows by 10 models
+
+    def rss(pid: object = "self") -> int:
+        return next(readings, 100 << 20)
+
+    monkeypatch.setattr(manager_module, "rss_bytes", rss)
+    predictor = await _open(repo, load="on-demand", memory_budget=int(size * 1.5))
+    manager = predictor.manager
+    try:
+        with pytest.raises(Unavailable, match="memory budget exhausted"):
+            await ask(predictor, 1)
+        lv = manager.models["m1"].versions[1]
+        assert lv.state is State.UNLOADED and lv.footprint is None and lv.reserved == 0
+        assert await ask(predictor, 1) == 1.0  # admitted by its artifact size, measured again
+        assert lv.footprint == artifact_size(repo, "m1")
+    finally:
+        await predictor.aclose()
+
+
+async def test_a_refused_repository_load_holds_nothing(repo: Repository) -> None:
+    size = artifact_size(repo, "m6")
+    predictor = await _open(repo, load="on-demand", memory_budget=int(size * 1.5))
+    manager = predictor.manager
+    try:
+        await manager.load_model("m1")
+        entry = await manager.load_model("m2")  # no room: m1 is held
+        lv = entry.versions[1]
+        assert lv.state is not State.READY and not lv.held
+        await manager.unload_model("m1")
+        assert await ask(predictor, 2) == 2.0 and not lv.held
     finally:
         await predictor.aclose()
 
