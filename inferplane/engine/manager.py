@@ -188,6 +188,7 @@ class ModelManager:
         # One load at a time is measured: the resident set's growth across it is its footprint.
         self._measure_lock = threading.Lock()
         self._held: set[LoadedVersion] = set()  # versions holding memory: loading or loaded
+        self._measured_runtimes: set[str] = set()  # runtimes whose first load was measured
         self._blocking = 0  # startup and repository-API loads in progress (server not ready)
         # On demand: models listed at start whose model.yaml files are still being read (in the
         # background, or at once by the first request that names one); empty once read.
@@ -408,6 +409,8 @@ class ModelManager:
                 log.warning("model %s version %s not loaded: %s", *labels, exc)
                 raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}", 1.0) from None
             runtime, on_loop, footprint = await asyncio.to_thread(self._start, runtime, lv.config)
+            first_of_runtime = lv.config.runtime not in self._measured_runtimes
+            self._measured_runtimes.add(lv.config.runtime)
         except Unavailable:
             if lv.state is State.LOADING:
                 lv.state = before
@@ -422,8 +425,11 @@ class ModelManager:
         try:
             await self._room(lv, footprint, reason)  # it may have measured more than reserved
         except BudgetExhausted as exc:
-            # The figure is not kept: a first load in a process also measures the framework's
-            # one-time start-up, and that must not keep the version out for good.
+            # A runtime's first load in this process also measures the framework's one-time
+            # start-up: that figure must not keep the version out for good, so it is dropped.
+            # Later ones are kept, so that a version too large is refused at once next time.
+            if not first_of_runtime:
+                lv.measured = [*lv.measured[-2:], footprint]
             runtime.unload()
             self._release(lv)
             lv.state, lv.reason, lv.load_task = before, f"measured {exc}", None

@@ -300,6 +300,14 @@ async def test_a_measurement_over_the_budget_is_not_kept(
         assert lv.state is State.UNLOADED and lv.footprint is None and lv.reserved == 0
         assert await ask(predictor, 1) == 1.0  # admitted by its artifact size, measured again
         assert lv.footprint == artifact_size(repo, "m1")
+        # Not a first load any more: an over-budget figure now is kept, and refuses at once.
+        readings = iter([100 << 20, (100 << 20) + 10 * size])
+        with pytest.raises(Unavailable, match="memory budget exhausted"):
+            await ask(predictor, 2)
+        before = loads(manager)
+        with pytest.raises(Unavailable, match="memory budget exhausted"):
+            await ask(predictor, 2)
+        assert loads(manager) == before  # refused by the kept figure, without loading again
     finally:
         await predictor.aclose()
 

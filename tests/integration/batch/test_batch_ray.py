@@ -8,6 +8,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
@@ -47,7 +49,16 @@ def test_ray_and_local_engines_write_the_same_output(
         a = pq.read_table(tmp_path / "ray" / name).drop_columns(["scored_at"])
         b = pq.read_table(tmp_path / "local" / name).drop_columns(["scored_at"])
         assert a.schema == b.schema
-        assert a.equals(b), name
+        # Floats agree to rounding, not bit for bit: ONNX Runtime's result for a row can move
+        # in the last bits with the batch it ran in and the intra-op threads it split over,
+        # and the two engines form their batches differently. Everything else is exact.
+        floats = [f.name for f in a.schema if pa.types.is_fixed_size_list(f.type)
+                  or pa.types.is_floating(f.type)]  # fmt: skip
+        assert a.drop_columns(floats).equals(b.drop_columns(floats)), name
+        for col in floats:
+            got = np.asarray(a.column(col).to_pylist(), dtype=np.float64)
+            want = np.asarray(b.column(col).to_pylist(), dtype=np.float64)
+            np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6, err_msg=f"{name} {col}")
     assert_scores(read_scores(tmp_path / "ray"), repo, x, range(6000))
     for a, b in zip(
         ray_result.manifest["fragments"], local_result.manifest["fragments"], strict=True
