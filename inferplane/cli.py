@@ -630,10 +630,12 @@ def show_cmd(
         from inferplane.engine.residency_command import fetch_residency, footprint_rows
 
         rows = fetch_residency(server, name)["versions"]
+        table.add_section()
+        table.add_row("on the server", server)
         for row in rows:
             if row["version"] == str(config.version):
                 for field_name, value in footprint_rows(row):
-                    table.add_row(f"server: {field_name}", value)
+                    table.add_row(field_name, value)
     console.print(table)
 
 

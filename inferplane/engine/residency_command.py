@@ -72,13 +72,10 @@ def footprint_rows(row: dict[str, Any]) -> list[tuple[str, str]]:
     source = row.get("last_load_source") or "-"
     return [
         ("state", f"{row['state']}" + (f" ({row['reason']})" if row.get("reason") else "")),
-        ("footprint (measured)", _size(row.get("footprint_bytes"))),
+        ("footprint", _size(row.get("footprint_bytes"))),
         ("memory hint", _size(row.get("memory_hint_bytes"))),
-        ("counted against budget", _size(row.get("reserved_bytes"))),
-        ("pinned / held", f"{bool(row.get('pinned'))} / {bool(row.get('held'))}"),
-        ("idle_unload_s", str(row.get("idle_unload_s") or "-")),
-        (
-            "loads",
-            f"{row.get('loads', 0)} (last {row.get('last_load_seconds', 0)} s from {source})",
-        ),
+        ("budgeted", _size(row.get("reserved_bytes"))),
+        ("pinned/held", f"{bool(row.get('pinned'))} / {bool(row.get('held'))}"),
+        ("idle unload", "-" if not row.get("idle_unload_s") else f"{row['idle_unload_s']:g} s"),
+        ("loads", f"{row.get('loads', 0)} (last {row.get('last_load_seconds', 0)} s, {source})"),
     ]
