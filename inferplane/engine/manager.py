@@ -59,6 +59,7 @@ log = logging.getLogger("inferplane.engine")
 
 ROOM_WAIT_S = 30.0  # longest a load waits for busy versions to free budget room
 _ROOM_POLL_S = 0.005
+_LOAD_ATTEMPTS = 3  # loads of one version in a row that measured more than the room there was
 
 
 class State(StrEnum):
@@ -399,42 +400,65 @@ class ModelManager:
         started = time.perf_counter()
         before, lv.state, lv.reason = lv.state, State.LOADING, ""
         labels = (lv.name, lv.version)
-        try:
-            runtime, source = await asyncio.to_thread(self._prepare, lv.config)
-            estimate = self._estimate(lv) or lv.config.memory_hint or runtime.memory_bytes()
+        estimate: int | None = None  # set when a measured load must be admitted again
+        for attempt in range(_LOAD_ATTEMPTS):
             try:
-                await self._room(lv, estimate, reason)
-            except BudgetExhausted as exc:  # the runtime is not loaded yet: nothing to free
-                lv.state, lv.reason = before, str(exc)  # not a failure: loadable later
-                log.warning("model %s version %s not loaded: %s", *labels, exc)
+                runtime, source = await asyncio.to_thread(self._prepare, lv.config)
+                estimate = (
+                    estimate
+                    or self._estimate(lv)
+                    or lv.config.memory_hint
+                    or runtime.memory_bytes()
+                )
+                try:
+                    await self._room(lv, estimate, reason)
+                except BudgetExhausted as exc:  # the runtime is not loaded yet: nothing to free
+                    lv.state, lv.reason = before, str(exc)  # not a failure: loadable later
+                    log.warning("model %s version %s not loaded: %s", *labels, exc)
+                    raise Unavailable(
+                        f"model '{lv.name}' version {lv.version}: {exc}", 1.0
+                    ) from None
+                runtime, on_loop, footprint = await asyncio.to_thread(
+                    self._start, runtime, lv.config
+                )
+                first_of_runtime = lv.config.runtime not in self._measured_runtimes
+                self._measured_runtimes.add(lv.config.runtime)
+            except Unavailable:
+                if lv.state is State.LOADING:
+                    lv.state = before
+                lv.load_task = None
+                raise
+            except InferplaneError as exc:
+                self._failed(lv, exc.message)
+                raise Unavailable(
+                    self._failure_message(lv), lv.retry_at - time.monotonic()
+                ) from None
+            except Exception as exc:  # a framework's own error while loading a bad artifact
+                self._failed(lv, f"load failed: {type(exc).__name__}: {exc}")
+                raise Unavailable(
+                    self._failure_message(lv), lv.retry_at - time.monotonic()
+                ) from None
+            try:
+                # It may have measured more than it was admitted with. No waiting here: loaded
+                # versions waiting for each other's room would never move.
+                await self._room(lv, footprint, reason, wait=False)
+                break
+            except BudgetExhausted as exc:
+                runtime.unload()
+                self._release(lv)
+                if not exc.lasting and attempt + 1 < _LOAD_ATTEMPTS:
+                    # Busy or loading versions are in the way: unload, then be admitted by the
+                    # measured figure (waiting for room holds no memory) and load again.
+                    estimate = footprint
+                    continue
+                # A runtime's first load in this process also measures the framework's one-time
+                # start-up: that figure must not keep the version out for good, so it is
+                # dropped. Later ones are kept: a version too large is refused at once next time.
+                if not first_of_runtime:
+                    lv.measured = [*lv.measured[-2:], footprint]
+                lv.state, lv.reason, lv.load_task = before, f"measured {exc}", None
+                log.warning("model %s version %s unloaded again: %s", *labels, exc)
                 raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}", 1.0) from None
-            runtime, on_loop, footprint = await asyncio.to_thread(self._start, runtime, lv.config)
-            first_of_runtime = lv.config.runtime not in self._measured_runtimes
-            self._measured_runtimes.add(lv.config.runtime)
-        except Unavailable:
-            if lv.state is State.LOADING:
-                lv.state = before
-            lv.load_task = None
-            raise
-        except InferplaneError as exc:
-            self._failed(lv, exc.message)
-            raise Unavailable(self._failure_message(lv), lv.retry_at - time.monotonic()) from None
-        except Exception as exc:  # a framework's own error while loading a bad artifact
-            self._failed(lv, f"load failed: {type(exc).__name__}: {exc}")
-            raise Unavailable(self._failure_message(lv), lv.retry_at - time.monotonic()) from None
-        try:
-            await self._room(lv, footprint, reason)  # it may have measured more than reserved
-        except BudgetExhausted as exc:
-            # A runtime's first load in this process also measures the framework's one-time
-            # start-up: that figure must not keep the version out for good, so it is dropped.
-            # Later ones are kept, so that a version too large is refused at once next time.
-            if not first_of_runtime:
-                lv.measured = [*lv.measured[-2:], footprint]
-            runtime.unload()
-            self._release(lv)
-            lv.state, lv.reason, lv.load_task = before, f"measured {exc}", None
-            log.warning("model %s version %s unloaded again: %s", *labels, exc)
-            raise Unavailable(f"model '{lv.name}' version {lv.version}: {exc}", 1.0) from None
         lv.footprint = footprint
         lv.measured = [*lv.measured[-2:], footprint]
         lv.runtime, lv.platform = runtime, runtime.model_platform
@@ -532,7 +556,7 @@ class ModelManager:
             for lv in self._held
         ]
 
-    async def _room(self, lv: LoadedVersion, need: int, reason: str) -> None:
+    async def _room(self, lv: LoadedVersion, need: int, reason: str, wait: bool = True) -> None:
         """Count `need` bytes for `lv` (instead of what it counted so far), evicting least
         recently used idle versions to make room. While only busy or loading versions stand in
         the way (evictable once their requests end) it waits; BudgetExhausted at once when
@@ -548,7 +572,7 @@ class ModelManager:
                 )
             except BudgetExhausted as exc:
                 waited_for = lv.waiters > 0 or reason == EXPLICIT
-                if exc.lasting or time.monotonic() > give_up or not waited_for:
+                if not wait or exc.lasting or time.monotonic() > give_up or not waited_for:
                     raise
                 await asyncio.sleep(_ROOM_POLL_S)
                 continue
