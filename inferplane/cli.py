@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import json
 from collections.abc import Callable
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
@@ -14,6 +14,9 @@ from rich.table import Table
 
 from inferplane import __version__
 from inferplane.errors import InferplaneError
+
+if TYPE_CHECKING:  # imported where used: `inferplane --help` stays quick
+    from inferplane.engine.residency import ResidencyOptions
 
 app = typer.Typer(
     help="inferplane: serve ML models online (V2 REST/gRPC), on streams and in batch.",
@@ -299,7 +302,7 @@ def _size(text: str | None, hint: str) -> int | None:
 
 def _residency(
     load: str, pin_aliases: list[str] | None, memory_budget: str | None, idle_unload_s: float | None
-) -> Any:
+) -> ResidencyOptions:
     from inferplane.engine.residency import LOAD_MODES, ResidencyOptions
     from inferplane.repository.schema import ALIAS_NAME
 

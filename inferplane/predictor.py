@@ -243,7 +243,7 @@ def build_in_process(
         list(models) or None,
         strict_readiness=strict_readiness,
         pickles=pickles,  # warn | allow | refuse: see runtimes.base.check_pickles
-        residency=residency or ResidencyOptions(),
+        residency=residency,  # None: eager, no budget
     )
     audit = None
     if audit_sink:

@@ -195,7 +195,7 @@ class ModelManager:
         # background, or at once by the first request that names one); empty once read.
         self.unread: dict[str, list[int]] = {}
         self._reading: dict[str, asyncio.Task[None]] = {}
-        self.catalogued: asyncio.Event | None = None  # set once every model.yaml is read
+        self._catalogue_pending = False  # on demand: listed at start, model.yaml files not read
         budget = self.residency.memory_budget
         if budget is not None:
             metrics.memory_budget.set(budget)
@@ -210,10 +210,10 @@ class ModelManager:
         On demand: list the repository (no file read) and be ready; the model.yaml files are read
         in the background (`read_catalogue`), then pinned versions load. One failing model never
         stops the others."""
-        self.catalogued = asyncio.Event()
         if self.residency.load != EAGER:
+            self._catalogue_pending = True
             try:
-                self.unread = await asyncio.to_thread(self._index)
+                self.unread = await asyncio.to_thread(self.repository.index, self.selected)
             except InferplaneError as exc:
                 log.error("cannot list the repository: %s", exc.message)
             log.info(
@@ -227,16 +227,13 @@ class ModelManager:
         await self.read_catalogue()
         self.started = True
 
-    def _index(self) -> dict[str, list[int]]:
-        return self.repository.index(self.selected)
-
     async def read_catalogue(self) -> None:
         """Read every model.yaml (concurrently, no artifact) and load what loads at start.
         Eager mode awaits it in `load_initial`; on demand the server runs it after start (the
         server is ready meanwhile: pinned versions load while it serves)."""
         try:
             try:
-                catalogue = await asyncio.to_thread(self._read_catalogue)
+                catalogue = await asyncio.to_thread(self._read_catalogue, self.selected)
             except InferplaneError as exc:
                 log.error("cannot list the repository: %s", exc.message)
                 catalogue = {}
@@ -248,25 +245,24 @@ class ModelManager:
                 for name in self.selected:
                     if name not in catalogue:
                         log.error("model %s: not in repository %s", name, self.repository.url)
-            at_start = [lv for e in self.models.values() for lv in e.versions.values()]
-            on_demand = sum(1 for lv in at_start if not self._loads_at_start(lv))
+            versions = [lv for e in self.models.values() for lv in e.versions.values()]
+            on_demand = sum(1 for lv in versions if not self._loads_at_start(lv))
             log.info(
                 "catalogue: %d models, %d versions (%d on demand) in %s",
                 len(self.models),
-                len(at_start),
+                len(versions),
                 on_demand,
                 self.repository.url,
             )
-            for lv in at_start:
+            for lv in versions:
                 if self._loads_at_start(lv) and lv.state is State.UNLOADED:
                     await self._load_logged(lv, STARTUP)
         finally:
-            if self.catalogued is not None:
-                self.catalogued.set()
+            self._catalogue_pending = False
 
     async def read_catalogue_if_pending(self) -> None:
         """On demand, after `load_initial`: read the model.yaml files (see read_catalogue)."""
-        if self.catalogued is not None and not self.catalogued.is_set():
+        if self._catalogue_pending:
             await self.read_catalogue()
 
     async def read_now(self, name: str) -> None:
@@ -291,10 +287,13 @@ class ModelManager:
             self.unread.pop(name, None)
             self._reading.pop(name, None)
 
-    def _read_catalogue(self) -> dict[str, tuple[list[ModelConfig], dict[str, int]]]:
-        found = self.repository.catalogue(self.selected)
+    def _read_catalogue(
+        self, models: list[str] | None
+    ) -> dict[str, tuple[list[ModelConfig], dict[str, int]]]:
+        """Model -> (readable versions, aliases); each unreadable file is logged and takes out
+        only its version (or the aliases)."""
         out = {}
-        for name, item in found.items():
+        for name, item in self.repository.catalogue(models).items():
             for problem in item.problems:
                 log.error("model %s: %s", name, problem)
             if item.configs:
@@ -428,15 +427,12 @@ class ModelManager:
                     lv.state = before
                 lv.load_task = None
                 raise
-            except InferplaneError as exc:
-                self._failed(lv, exc.message)
-                raise Unavailable(
-                    self._failure_message(lv), lv.retry_at - time.monotonic()
-                ) from None
-            except Exception as exc:  # a framework's own error while loading a bad artifact
-                self._failed(lv, f"load failed: {type(exc).__name__}: {exc}")
-                raise Unavailable(
-                    self._failure_message(lv), lv.retry_at - time.monotonic()
+            except Exception as exc:  # ours, or a framework's own error on a bad artifact
+                raise self._failed(
+                    lv,
+                    exc.message
+                    if isinstance(exc, InferplaneError)
+                    else f"load failed: {type(exc).__name__}: {exc}",
                 ) from None
             try:
                 # It may have measured more than it was admitted with. No waiting here: loaded
@@ -495,7 +491,8 @@ class ModelManager:
             return None
         return sorted(lv.measured)[len(lv.measured) // 2]
 
-    def _failed(self, lv: LoadedVersion, reason: str) -> None:
+    def _failed(self, lv: LoadedVersion, reason: str) -> Unavailable:
+        """Mark `lv` FAILED for a back-off; the 503 its waiters get."""
         self._release(lv)
         lv.failures += 1
         wait = next_backoff(lv.failures, self.residency)
@@ -509,10 +506,7 @@ class ModelManager:
             reason,
             wait,
         )
-
-    @staticmethod
-    def _failure_message(lv: LoadedVersion) -> str:
-        return f"model '{lv.name}' version {lv.version} failed to load: {lv.reason}"
+        return Unavailable(f"model '{lv.name}' version {lv.version} failed to load: {reason}", wait)
 
     def _prepare(self, config: ModelConfig) -> tuple[Runtime, str]:
         """The version's runtime, constructed but not loaded, and where its files came from."""
@@ -543,10 +537,10 @@ class ModelManager:
         return runtime, on_loop, max(grown, runtime.memory_bytes())
 
     # the memory budget ---------------------------------------------------------------------
-    def _residents(self) -> list[Resident]:
+    def _residents(self) -> list[Resident[LoadedVersion]]:
         return [
             Resident(
-                key=(lv.name, lv.config.version),
+                key=lv,
                 footprint=lv.reserved,
                 pinned=lv.pinned or lv.held,
                 busy=lv.busy,
@@ -563,12 +557,11 @@ class ModelManager:
         pinned versions fill the budget, after ROOM_WAIT_S, or once no request waits for it.
         The plan and the evictions run on the loop without an await between them: no other
         request changes the residents meanwhile."""
-        key = (lv.name, lv.config.version)
         give_up = time.monotonic() + ROOM_WAIT_S
         while True:
             try:
                 plan = plan_admission(
-                    self._residents(), need, self.residency.memory_budget, exclude=key
+                    self._residents(), need, self.residency.memory_budget, exclude=lv
                 )
             except BudgetExhausted as exc:
                 waited_for = lv.waiters > 0 or reason == EXPLICIT
@@ -576,17 +569,11 @@ class ModelManager:
                     raise
                 await asyncio.sleep(_ROOM_POLL_S)
                 continue
-            self._evict_keys(plan.victims, MEMORY)
+            for victim in plan.victims:
+                self.evict(victim, MEMORY)
             lv.reserved = need
             self._held.add(lv)
             return
-
-    def _evict_keys(self, keys: list[tuple[str, int]], why: str) -> None:
-        for name, number in keys:
-            victim = self.models[name].versions.get(number) if name in self.models else None
-            if victim is None:  # a retired version of a reloaded model: not in the entry
-                victim = next(v for v in self._held if (v.name, v.config.version) == (name, number))
-            self.evict(victim, why)
 
     def evict(self, lv: LoadedVersion, why: str) -> None:
         """Unload an idle version; its next request loads it again."""
@@ -678,14 +665,10 @@ class ModelManager:
             return entry
 
     def _read_model(self, name: str) -> tuple[list[ModelConfig], dict[str, int]]:
-        found = self.repository.catalogue([name]).get(name)
-        if found is None or not found.configs:
-            for problem in found.problems if found is not None else []:
-                log.error("model %s: %s", name, problem)
+        found = self._read_catalogue([name]).get(name)
+        if found is None:
             raise NotFound(f"unknown model '{name}' in repository {self.repository.url}")
-        for problem in found.problems:
-            log.error("model %s: %s", name, problem)  # a broken model.yaml takes out its version
-        return found.configs, found.aliases
+        return found
 
     async def unload_model(self, name: str) -> None:
         """Unload every version of `name`. On-demand versions come back on their next request;

@@ -7,9 +7,13 @@ which resident versions go first. The answer uses only what the manager records 
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
+from typing import Generic, TypeVar
 
 from inferplane.sizes import format_size
+
+K = TypeVar("K", bound=Hashable)
 
 EAGER, ON_DEMAND = "eager", "on-demand"
 LOAD_MODES = (EAGER, ON_DEMAND)
@@ -37,10 +41,11 @@ class ResidencyOptions:
 
 
 @dataclass
-class Resident:
-    """What the policy needs to know of one loaded (or loading) version."""
+class Resident(Generic[K]):
+    """What the policy needs to know of one loaded (or loading) version; `key` names it to the
+    caller (the manager passes the version itself, so a plan's victims need no lookup)."""
 
-    key: tuple[str, int]
+    key: K
     footprint: int  # bytes: measured once loaded, else the estimate it was admitted with
     pinned: bool = False
     busy: bool = False  # requests queued, running or waiting for its load
@@ -49,10 +54,10 @@ class Resident:
 
 
 @dataclass
-class Admission:
+class Admission(Generic[K]):
     """The plan for loading one version: evict `victims` (LRU first), then load."""
 
-    victims: list[tuple[str, int]] = field(default_factory=list)
+    victims: list[K] = field(default_factory=list)
 
 
 class BudgetExhausted(Exception):
@@ -80,8 +85,8 @@ class BudgetExhausted(Exception):
 
 
 def plan_admission(
-    residents: list[Resident], need: int, budget: int | None, exclude: tuple[str, int] | None = None
-) -> Admission:
+    residents: list[Resident[K]], need: int, budget: int | None, exclude: K | None = None
+) -> Admission[K]:
     """Which residents to evict so that `need` more bytes fit under `budget`.
 
     Only idle, unpinned, fully loaded versions are candidates, least recently used first; a
@@ -97,7 +102,7 @@ def plan_admission(
         (r for r in residents if r.key != exclude and not (r.pinned or r.busy or r.loading)),
         key=lambda r: r.last_used,
     )
-    victims: list[tuple[str, int]] = []
+    victims: list[K] = []
     for r in candidates:
         victims.append(r.key)
         free += r.footprint
