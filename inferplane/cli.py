@@ -100,14 +100,31 @@ def serve(
         ),
     ] = None,
     watch: Annotated[
-        bool, typer.Option(help="Re-read the policy file when it changes (every second).")
+        bool,
+        typer.Option(
+            help="Re-read the policy file and the loaded models' aliases when they change "
+            "(every --watch-interval seconds): replicas reading one S3 prefix or ConfigMap "
+            "converge on it."
+        ),
     ] = False,
+    watch_interval: Annotated[
+        float, typer.Option(min=0.1, help="Seconds between the --watch reads.")
+    ] = 1.0,
+    drain_seconds: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="On SIGTERM: answer readiness 503 at once, keep serving in-flight and new "
+            "requests this long (load balancers take the replica out meanwhile), then close "
+            "(gRPC GOAWAY), flush the audit and exit 0. See docs/deploy.md.",
+        ),
+    ] = 10.0,
     audit_sink: Annotated[
         str,
         typer.Option(
             envvar="INFERPLANE_AUDIT",
-            help="Audit trail sink: a SQLite file, jsonl:PATH or parquet:DIR; 'none' turns "
-            "auditing off. See docs/audit.md.",
+            help="Audit trail sink: a SQLite file, jsonl:PATH, parquet:DIR-or-URL (s3://...) "
+            "or kafka://HOST:PORT/TOPIC; 'none' turns auditing off. See docs/audit.md.",
         ),
     ] = "./inferplane-audit.db",
     busy_poll_us: Annotated[
@@ -263,6 +280,8 @@ def serve(
             http_server=http_server,
             services=services,
             watch=watch,
+            watch_interval_s=watch_interval,
+            drain_seconds=drain_seconds,
             audit_sink=None if audit_sink.lower() in ("", "none", "off") else audit_sink,
             busy_poll_us=busy_poll_us,
             audit_payload_sample=audit_payload_sample,
@@ -684,6 +703,10 @@ app.command("batch")(one_line_errors(batch_command))
 from inferplane.observability.audit_command import audit_command  # noqa: E402
 
 app.command("audit")(one_line_errors(audit_command))
+# -- apply (inferplane/control/apply_command.py) --
+from inferplane.control.apply_command import apply_command  # noqa: E402
+
+app.command("apply")(one_line_errors(apply_command))
 
 
 # -- keys (inferplane/edge/keys_command.py) --

@@ -41,7 +41,9 @@ class ServerSettings:
     strict_readiness: bool = False
     http_server: str = "uvicorn"  # or "granian" (see docs/serving.md for the measurement)
     services: str | None = None  # traffic policy file; default: <repository>/services.yaml if any
-    watch: bool = False  # re-read the policy file when it changes
+    watch: bool = False  # re-read the policy file and the loaded models' aliases when they change
+    watch_interval_s: float = 1.0
+    drain_seconds: float = 10.0  # on SIGTERM: not ready at once, serve this long, then exit 0
     audit_sink: str | None = None  # audit trail sink (see docs/audit.md); None: no audit
     busy_poll_us: int = DEFAULT_WINDOW_US  # poll the loop this long after answers (0: off)
     audit_payload_sample: float = 0.0  # share of requests whose (redacted) payload is audited

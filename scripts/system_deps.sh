@@ -3,10 +3,12 @@
 # otherwise a message naming the packages).
 #   libb64-0d     - perf_analyzer (from tritonclient 2.51) links libb64.so.0d
 #   redis-server  - the streaming tests run a real Redis on a loopback port
+#   haproxy       - the fleet test and bench put three servers behind a real load balancer
 set -euo pipefail
 need=()
 ldconfig -p 2>/dev/null | grep -q 'libb64.so.0d' || need+=(libb64-0d)
 command -v redis-server >/dev/null || [ -x /usr/bin/redis-server ] || need+=(redis-server)
+command -v haproxy >/dev/null || [ -x /usr/sbin/haproxy ] || need+=(haproxy)
 [ ${#need[@]} -eq 0 ] && exit 0
 if [ "$(id -u)" != 0 ]; then
   echo "missing Debian packages: ${need[*]} (run: sudo apt-get install -y ${need[*]})" >&2

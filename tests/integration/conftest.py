@@ -10,6 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.integration.brokers import redis_server, tansu  # noqa: F401 - fixtures
 from tests.integration.servers import ECHO_MODEL, ECHO_TYPES, ROOT, ServerProcess, start_server
 
 
