@@ -13,7 +13,7 @@ GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps models run test lint typecheck pytest bench bench-serving bench-traffic \
-	bench-stream bench-batch bench-fleet fuzz clean
+	bench-stream bench-batch bench-fleet bench-fleet-lb fuzz clean
 
 $(STAMP): pyproject.toml scripts/venv.sh scripts/constraints.txt
 	./scripts/venv.sh dev
@@ -51,7 +51,7 @@ test: lint typecheck pytest
 # bench-fleet [FLEET_ARGS="--models 300 --seconds 30 --no-mlserver ..."]
 BENCH_ARGS ?=
 FLEET_ARGS ?=
-bench: bench-serving bench-traffic bench-stream bench-batch bench-fleet
+bench: bench-serving bench-traffic bench-stream bench-batch bench-fleet bench-fleet-lb
 
 bench-serving: setup system-deps
 	$(PY) benchmarks/run.py $(if $(filter 1,$(FAST)),--fast) $(BENCH_ARGS)
@@ -70,6 +70,10 @@ bench-batch: setup
 
 bench-fleet: setup
 	$(PY) benchmarks/fleet_bench.py $(if $(filter 1,$(FAST)),--fast) $(FLEET_ARGS)
+
+# bench-fleet-lb: 3 replicas behind HAProxy vs 1 direct, and a 60 s rolling restart (FAST=1: short)
+bench-fleet-lb: setup system-deps
+	$(PY) benchmarks/fleet_lb_bench.py $(if $(filter 1,$(FAST)),--seconds 5 --rolling-seconds 15)
 
 # make fuzz [FUZZ_EXAMPLES=20000]: `make test` runs tests/fuzz with the small derandomized `ci`
 # profile; this runs it with the `fuzz` one (random, no deadline, no per-test time limit).
