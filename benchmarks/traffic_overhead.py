@@ -22,6 +22,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -173,7 +174,7 @@ def main() -> int:
                     drive(port, model, 2, a.concurrency)  # warm the server and the client
                     figures = drive(port, model, a.seconds, a.concurrency)
                 finally:
-                    proc.terminate()
+                    proc.send_signal(signal.SIGINT)  # the quick stop: SIGTERM drains first
                     proc.wait(30)
                 results[name].append(figures)
                 print(f"round {r + 1}/{a.rounds} {name:8s} {figures[0]:9.0f} infer/s  "

@@ -8,8 +8,10 @@ import gc
 import logging
 import signal
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
+from types import FrameType
+from typing import Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -89,7 +91,8 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         metrics=manager.metrics,
         max_payload_bytes=settings.max_payload_bytes,
         policy=policy,
-        watch_policy=settings.watch,
+        watch=settings.watch,
+        watch_interval_s=settings.watch_interval_s,
         busy_poll=BusyPoll(settings.busy_poll_us, manager.metrics.busy_poll_seconds),
         edge=Edge(settings.access, metrics=manager.metrics) if settings.access else None,
     )
@@ -140,7 +143,8 @@ async def _v2_http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _start(deps: ServingDeps) -> None:
-    """Models first, then the traffic policy that refers to them, then watch the policy."""
+    """Models first, then the traffic policy that refers to them, then (--watch) follow both as
+    the repository changes."""
     await deps.manager.load_initial()
     # On demand the server is ready already; the model.yaml files are read now (a request
     # that names a model first reads its own at once), then pinned versions load.
@@ -150,15 +154,95 @@ async def _start(deps: ServingDeps) -> None:
     # about every 4.5 s at 8,000 requests/s and stalled every request in flight).
     gc.collect()
     gc.freeze()
-    if deps.policy is None:
-        return
-    await asyncio.to_thread(deps.policy.load_logged)
-    if deps.watch_policy:
-        await deps.policy.watch()
+    if deps.policy is not None:
+        await asyncio.to_thread(deps.policy.load_logged)
+    if deps.watch:
+        await _watch(deps)
+
+
+async def _watch(deps: ServingDeps) -> None:
+    """--watch: each pass converges the models (new versions load, aliases move), then the
+    policy, in that order, so that a policy naming a version registered with it finds the
+    version there."""
+    while True:
+        await asyncio.sleep(deps.watch_interval_s)
+        try:
+            await deps.manager.refresh()
+        except Exception:  # a bug in one pass must not end the watch of every later change
+            log.exception("watch: refreshing the models from the repository failed")
+        if deps.policy is not None:
+            await asyncio.to_thread(deps.policy.load_logged)
+
+
+class Drain:
+    """A graceful stop, as a rolling update needs it.
+
+    SIGTERM (what Kubernetes sends) takes the server out of readiness at once
+    (`/v2/health/ready` and gRPC health answer 503 / NOT_SERVING, so load balancers and
+    endpoints stop sending) while it goes on serving what still arrives for `seconds`; then
+    gRPC sends GOAWAY and lets its calls finish, the HTTP server stops (its in-flight requests
+    finish), and the lifespan's shutdown flushes the audit. SIGINT (Ctrl-C) is the quick stop,
+    as in gunicorn: the same steps without the wait. A second signal cuts a wait short.
+    """
+
+    def __init__(self, deps: ServingDeps, seconds: float) -> None:
+        self.deps = deps
+        self.seconds = seconds
+        self.grpc_server: Any = None
+        self._skip = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def begin(self, stop_http: Callable[[], None], quick: bool = False) -> None:
+        if self._task is not None:
+            log.info("second signal: ending the drain now")
+            self._skip.set()
+            return
+        self.deps.manager.draining = True
+        if quick or self.seconds <= 0:
+            self._skip.set()
+            log.info("stopping: requests in flight finish, new ones are refused")
+        else:
+            log.info(
+                "draining: not ready from now on, serving for %.1f s more, then stopping",
+                self.seconds,
+            )
+        self._task = asyncio.get_running_loop().create_task(self._run(stop_http))
+
+    async def _run(self, stop_http: Callable[[], None]) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._skip.wait(), self.seconds)
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(grace=5)
+        log.info("drained; stopping")
+        stop_http()
+
+
+class _UvicornServer(uvicorn.Server):
+    """uvicorn's server with its signal handling handed to a `Drain`.
+
+    uvicorn stops at once on SIGTERM and re-raises the signal once stopped, so the process
+    would end killed by it (exit 143) with the gRPC port never closed; here a stop is a drain
+    and the process exits 0.
+    """
+
+    def __init__(self, config: uvicorn.Config, drain: Drain) -> None:
+        super().__init__(config)
+        self.drain = drain
+        self._loop = asyncio.get_running_loop()
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit:  # draining is over and the stop has begun: a signal forces it
+            self.force_exit = True
+            return
+        self._loop.call_soon_threadsafe(self.drain.begin, self._stop, sig == signal.SIGINT)
+
+    def _stop(self) -> None:
+        self.should_exit = True
 
 
 async def serve(settings: ServerSettings) -> None:
     deps = build_deps(settings)
+    drain = Drain(deps, settings.drain_seconds)
     app = build_app(deps)
     reloader = None
     if settings.tls_cert:
@@ -187,22 +271,23 @@ async def serve(settings: ServerSettings) -> None:
         grpc_server = await start_grpc_server(
             deps, settings.host, settings.grpc_port, ssl=grpc_ssl, limits=limits
         )
+        drain.grpc_server = grpc_server
         tls = "" if reloader is None else " (TLS)"
         log.info("gRPC listening on %s:%d%s", settings.host, settings.grpc_port, tls)
     watcher = None
     try:
         if reloader is None:
             if settings.http_server == "granian":
-                await _serve_granian(app, settings)
+                await _serve_granian(app, settings, drain)
             else:
-                await _serve_uvicorn(app, settings)
+                await _serve_uvicorn(app, settings, drain)
         else:
             from inferplane.edge.tls import HTTP_ALPN
 
             http_ssl = reloader.context(HTTP_ALPN)
             watcher = asyncio.create_task(reloader.run())
             with reloader.install_sighup(asyncio.get_running_loop()):
-                await _serve_uvicorn(app, settings, http_ssl)
+                await _serve_uvicorn(app, settings, drain, http_ssl)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -217,7 +302,10 @@ _GRANIAN_TLS = (
 
 
 async def _serve_uvicorn(
-    app: InferEndpoint, settings: ServerSettings, ssl_context: ssl.SSLContext | None = None
+    app: InferEndpoint,
+    settings: ServerSettings,
+    drain: Drain,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> None:
     protocol = v2_http_protocol(
         app.handler,  # httptools; infer answered without ASGI
@@ -246,12 +334,12 @@ async def _serve_uvicorn(
     # this very context on the newest certificate, and uvicorn listens with it.
     config.ssl = ssl_context
     try:
-        await uvicorn.Server(config).serve()
+        await _UvicornServer(config, drain).serve()
     finally:
         await protocol.registry.stop()
 
 
-async def _serve_granian(app: InferEndpoint, settings: ServerSettings) -> None:
+async def _serve_granian(app: InferEndpoint, settings: ServerSettings, drain: Drain) -> None:
     """Granian's Rust HTTP/1 front end in this process and event loop (its embedded mode).
 
     It parses requests and writes responses off the Python thread, which is where uvicorn spends
@@ -278,8 +366,8 @@ async def _serve_granian(app: InferEndpoint, settings: ServerSettings) -> None:
         ),
     )
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, server.stop)
+    loop.add_signal_handler(signal.SIGTERM, drain.begin, server.stop)
+    loop.add_signal_handler(signal.SIGINT, drain.begin, server.stop, True)
     log.info("HTTP listening on %s:%d (granian)", settings.host, settings.http_port)
     await server.serve()
 
@@ -298,4 +386,4 @@ def run(settings: ServerSettings) -> None:
         asyncio.run(serve(settings))
 
 
-__all__ = ["ServerSettings", "build_app", "build_deps", "run", "serve"]
+__all__ = ["Drain", "ServerSettings", "build_app", "build_deps", "run", "serve"]

@@ -29,6 +29,7 @@ import numpy as np
 
 from inferplane.engine.footprint import children_bytes, return_free_memory, rss_bytes
 from inferplane.engine.process_runtime import ProcessRuntime, uses_processes
+from inferplane.engine.queue_metrics import QueueDepthCollector
 from inferplane.engine.residency import (
     EAGER,
     BudgetExhausted,
@@ -71,7 +72,7 @@ class State(StrEnum):
 
 
 # Why a version was loaded: the `reason` label of inferplane_model_loads_total.
-STARTUP, FIRST_USE, AFTER_EVICTION, AFTER_IDLE, AFTER_UNLOAD, AFTER_FAILURE, EXPLICIT = (
+STARTUP, FIRST_USE, AFTER_EVICTION, AFTER_IDLE, AFTER_UNLOAD, AFTER_FAILURE, EXPLICIT, WATCH = (
     "startup",
     "first_use",
     "after_eviction",
@@ -79,6 +80,7 @@ STARTUP, FIRST_USE, AFTER_EVICTION, AFTER_IDLE, AFTER_UNLOAD, AFTER_FAILURE, EXP
     "after_unload",
     "after_failure",
     "explicit",
+    "watch",  # a version that appeared in the repository while serving (serve --watch)
 )
 MEMORY, IDLE = "memory", "idle"  # why a version was evicted
 
@@ -181,6 +183,7 @@ class ModelManager:
         self.inflight = 0
         self.models: dict[str, ModelEntry] = {}
         self.started = False  # the initial load has finished (successfully or not)
+        self.draining = False  # SIGTERM came: out of load balancers' rotation, still serving
         self._lock = asyncio.Lock()  # repository API loads and unloads, one at a time
         # No lock around repository reads: s3fs/gcsfs/adlfs run every call on their own event
         # loop thread and the artifact cache locks per version. One lock here made a request's
@@ -200,9 +203,13 @@ class ModelManager:
         if budget is not None:
             metrics.memory_budget.set(budget)
         metrics.resident_bytes.set_function(lambda: sum(lv.reserved for lv in self._held))
+        metrics.registry.register(QueueDepthCollector(self._queues))
         metrics.models_resident.set_function(
             lambda: sum(1 for lv in self._held if lv.state is State.READY)
         )
+
+    def _queues(self) -> list[tuple[str, str, Scheduler]]:
+        return [(lv.name, lv.version, lv.scheduler) for lv in list(self._held) if lv.scheduler]
 
     # the catalogue -----------------------------------------------------------------------
     async def load_initial(self) -> None:
@@ -629,6 +636,71 @@ class ModelManager:
             ):
                 self.evict(lv, IDLE)
 
+    # serve --watch -------------------------------------------------------------------------
+    async def refresh(self) -> bool:
+        """Converge on the repository as it is now (serve --watch); True when anything changed.
+
+        New versions of served models, and new models, join as they would have at start (they
+        load first when they load at start). Then aliases move, after the versions they name
+        have loaded, so that an `apply` that registers version 3 and points `production` at it
+        turns traffic over only once 3 is warm on this replica; pins follow the
+        --pin-aliases aliases. Versions gone from the repository keep serving (a loaded
+        version is never pulled from under its traffic by a listing), and models the repository
+        API unloaded stay unloaded. On a remote store a pass costs one recursive listing plus a
+        read of the files whose ETag changed.
+        """
+        if not self.started or self._catalogue_pending:
+            return False  # the start-up read is still going: it sees the same files
+        try:
+            catalogue = await asyncio.to_thread(self._read_catalogue, self.selected)
+        except InferplaneError as exc:
+            log.warning("watch: cannot read the repository: %s", exc.message)
+            return False
+        changed = False
+        async with self._lock:
+            for name, (configs, aliases) in catalogue.items():
+                if name in self.unread:
+                    continue  # on demand and not read yet: its first request reads it whole
+                entry = self.models.get(name)
+                if entry is None:
+                    entry = self.models[name] = self._new_entry(name, configs, aliases)
+                    log.info("watch: model %s appeared (versions %s)", name, sorted(entry.versions))
+                    await self._load_at_start(entry.versions.values())
+                    changed = True
+                    continue
+                if entry.unloaded:
+                    continue
+                fresh = self._new_entry(
+                    name, [c for c in configs if c.version not in entry.versions], aliases
+                )
+                if fresh.versions:
+                    log.info("watch: model %s: new versions %s", name, sorted(fresh.versions))
+                    entry.versions.update(fresh.versions)
+                    await self._load_at_start(fresh.versions.values())
+                    changed = True
+                if aliases != entry.aliases:
+                    await self._move_aliases(entry, aliases)
+                    changed = True
+        return changed
+
+    async def _load_at_start(self, versions: Iterable[LoadedVersion]) -> None:
+        for lv in list(versions):
+            if self._loads_at_start(lv) and lv.state is State.UNLOADED:
+                await self._load_logged(lv, WATCH)
+
+    async def _move_aliases(self, entry: ModelEntry, aliases: dict[str, int]) -> None:
+        pinned = {aliases[a] for a in self.residency.pin_aliases if a in aliases}
+        for number, lv in entry.versions.items():
+            lv.pinned = lv.config.residency == "pinned" or number in pinned
+        await self._load_at_start(entry.versions.values())  # a newly pinned version, first
+        moves = [
+            f"{alias} {entry.aliases.get(alias, '-')} -> {aliases.get(alias, '-')}"
+            for alias in sorted(set(entry.aliases) | set(aliases))
+            if entry.aliases.get(alias) != aliases.get(alias)
+        ]
+        entry.aliases = dict(aliases)
+        log.info("watch: model %s: aliases %s", entry.name, ", ".join(moves))
+
     # the repository API --------------------------------------------------------------------
     async def load_model(self, name: str) -> ModelEntry:
         """(Re)read `name` and load all its versions now; they stay loaded (never evicted) until
@@ -705,14 +777,14 @@ class ModelManager:
 
     @property
     def ready(self) -> bool:
-        """Server readiness: the catalogue is read and no startup or repository-API load is
-        still running (on-demand loads never take the server out of traffic).
+        """Server readiness: the catalogue is read, no startup or repository-API load is still
+        running (on-demand loads never take the server out of traffic) and no drain has begun.
 
         A model that failed to load is reported (index, model ready, 503 on infer) but does not
         hold the whole server out of traffic, unless `strict_readiness` asks for Triton's rule:
         every model must have a version that is ready or loadable.
         """
-        if not self.started or self._blocking:
+        if not self.started or self._blocking or self.draining:
             return False
         if self.strict_readiness:
             entries = [e for e in self.models.values() if not e.unloaded]

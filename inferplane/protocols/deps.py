@@ -28,7 +28,8 @@ class ServingDeps:
     server_name: str = "inferplane"
     server_version: str = __version__
     policy: PolicySource | None = None  # where the traffic policy comes from
-    watch_policy: bool = False
+    watch: bool = False  # re-read the policy file and the models' aliases/versions (--watch)
+    watch_interval_s: float = 1.0
     # polls the event loop briefly after answers (off unless the server sets a window)
     busy_poll: BusyPoll = field(default_factory=lambda: BusyPoll(0))
     edge: Edge | None = None  # authentication, authorization, quotas; None: open (no --access)

@@ -4,7 +4,6 @@ force stays, so a typo never takes a service down."""
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import logging
 
@@ -69,8 +68,3 @@ class PolicySource:
             log.error("%s; the previous policy stays in force", exc.message)
         except OSError as exc:
             log.error("cannot read %s: %s; the previous policy stays in force", self.url, exc)
-
-    async def watch(self, interval_s: float = 1.0) -> None:
-        while True:
-            await asyncio.sleep(interval_s)
-            await asyncio.to_thread(self.load_logged)

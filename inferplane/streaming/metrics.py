@@ -39,6 +39,12 @@ class StreamMetrics:
             "watermark - committed offset, over this worker's partitions).",
             registry=r,
         )
+        self.consumer_lag_seconds = Gauge(
+            "inferplane_stream_consumer_lag_seconds",
+            "How far behind the group is in time: 0 when caught up, else the age of the newest "
+            "event this worker has finished (the oldest unfinished one is at most that old).",
+            registry=r,
+        )
         self.in_flight = Gauge(
             "inferplane_stream_in_flight_batches", "Batches read and not yet acknowledged.",
             registry=r,

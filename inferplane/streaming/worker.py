@@ -114,6 +114,7 @@ class StreamWorker:
         self.max_rows = limit if decoder.batched else 1
         self._stopping = asyncio.Event()
         self._drain_deadline: float | None = None
+        self._finished_ms: float | None = None  # newest event time acknowledged (lag in seconds)
         self._queue: asyncio.Queue[tuple[list[Event], asyncio.Task[_Scored]] | None] = (
             asyncio.Queue(maxsize=max(1, settings.max_in_flight))
         )
@@ -406,6 +407,8 @@ class StreamWorker:
             await self._settle(dead_receipt, self.dlq, dead)
             await self._durably(f"acknowledge on {self.source.name}", self.source.ack, events)
             now_ms = time.time() * 1000
+            if scored.event_times_ms:
+                self._finished_ms = max(self._finished_ms or 0.0, max(scored.event_times_ms))
             for t in scored.event_times_ms:
                 self.metrics.end_to_end.observe(max(0.0, (now_ms - t) / 1000))
             self.stats.batches += 1
@@ -474,6 +477,11 @@ class StreamWorker:
             self.stats.lag = lag
             if lag is not None:
                 self.metrics.consumer_lag.set(lag)
+                if lag == 0:
+                    self.metrics.consumer_lag_seconds.set(0)
+                elif self._finished_ms is not None:
+                    age = max(0.0, time.time() - self._finished_ms / 1000)
+                    self.metrics.consumer_lag_seconds.set(age)
             await asyncio.sleep(self.settings.lag_interval_s)
 
     async def _log_progress(self) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -394,7 +395,7 @@ def test_serve_from_s3_and_infer(
         assert len(cached) == 2, list(tmp_path.glob("inferplane-cache/**"))
         assert Path(model4).read_bytes() in {c.read_bytes() for c in cached}
     finally:
-        proc.terminate()
+        proc.send_signal(signal.SIGINT)  # the quick stop: SIGTERM drains first
         try:
             proc.wait(timeout=15)
         except subprocess.TimeoutExpired:
