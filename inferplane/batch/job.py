@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import threading
 import time
 import uuid
 from collections import Counter
@@ -23,6 +24,7 @@ from inferplane.batch.mapping import bind_inputs, parse_maps
 from inferplane.batch.progress import JobProgress
 from inferplane.batch.readers import Fragment, InputTable, open_input
 from inferplane.batch.spec import METADATA_COLUMNS, JobSpec, TransientFailure
+from inferplane.batch.stopping import JobStopped, stop_on_sigterm
 from inferplane.batch.writer import JOB_FILE, SUCCESS, OutputLayout, output_key
 from inferplane.errors import BadRequest, DeadlineExceeded, Unavailable
 from inferplane.predictor import Signature, open_predictor
@@ -272,26 +274,18 @@ def run_job(
         done[entry["input"]] = entry
         progress.fragment_done()
 
+    before = len(done)
     try:
-        if o.engine == "ray":
-            from inferplane.batch.ray_engine import run_ray
-
-            run_ray(
-                job,
-                plan.table,
-                plan.pending,
-                progress,
-                on_done,
-                address=o.ray_address,
-                actors=o.ray_actors,
-                cpus_per_actor=o.ray_cpus_per_actor,
-            )
-        else:
-            from inferplane.batch.local_engine import run_local
-
-            run_local(job, plan.table, plan.pending, progress, on_done, workers=o.workers)
+        with stop_on_sigterm() as stopping:
+            _run_engine(o, plan, progress, on_done, stopping)
     finally:
         progress.close()
+    scored = len(done) - before
+    if scored < len(plan.pending):  # only a stop returns early; failures raise
+        raise JobStopped(
+            f"stopped by SIGTERM at a fragment boundary: {scored} input files committed in "
+            f"this run, {len(plan.pending) - scored} left; rerun the job to resume"
+        )
     elapsed = time.monotonic() - started
     manifest = build_manifest(plan, o, done, elapsed)
     layout.finish(manifest)
@@ -304,6 +298,36 @@ def run_job(
         elapsed,
         progress.rows,
     )
+
+
+def _run_engine(
+    o: JobOptions,
+    plan: Plan,
+    progress: JobProgress,
+    on_done: Callable[[dict[str, Any]], None],
+    stopping: threading.Event,
+) -> None:
+    if o.engine == "ray":
+        from inferplane.batch.ray_engine import run_ray
+
+        run_ray(
+            plan.job,
+            plan.table,
+            plan.pending,
+            progress,
+            on_done,
+            address=o.ray_address,
+            actors=o.ray_actors,
+            cpus_per_actor=o.ray_cpus_per_actor,
+            stopping=stopping,
+        )
+    else:
+        from inferplane.batch.local_engine import run_local
+
+        run_local(
+            plan.job, plan.table, plan.pending, progress, on_done, workers=o.workers,
+            stopping=stopping,
+        )  # fmt: skip
 
 
 def build_manifest(

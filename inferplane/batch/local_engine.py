@@ -15,6 +15,7 @@ import os
 import queue
 import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -42,16 +43,21 @@ def run_local(
     on_done: OnDone,
     *,
     workers: int | None = None,
+    stopping: threading.Event | None = None,
 ) -> None:
+    """Score `pending` in worker processes; once `stopping` is set no new fragment starts and
+    this returns when the ones being scored are committed."""
     if not pending:
         return
+    stopping = stopping or threading.Event()
     count = min(workers or len(usable_cores()), len(pending))
     if count == 1:
-        _run_inline(job, table, pending, progress, on_done)
+        _run_inline(job, table, pending, progress, on_done, stopping)
         return
     ctx = mp.get_context("spawn")  # no fork of a process with threads (ORT, asyncio)
     tasks: Any = ctx.Queue()
     events: Any = ctx.Queue()
+    stop: Any = ctx.Event()  # workers take no new fragment once it is set
     for fragment in pending:
         tasks.put(fragment)
     for _ in range(count):
@@ -59,7 +65,7 @@ def run_local(
     procs = [
         ctx.Process(
             target=_worker,
-            args=(i, count, job, table, tasks, events),
+            args=(i, count, job, table, tasks, events, stop),
             name=f"inferplane-batch-{i}",
             daemon=True,
         )
@@ -71,9 +77,13 @@ def run_local(
     ok = False
     try:
         while remaining:
+            if stopping.is_set() and not stop.is_set():
+                stop.set()
             try:
-                kind, payload = events.get(timeout=0.5)
+                kind, payload = events.get(timeout=0.2 if stop.is_set() else 0.5)
             except queue.Empty:
+                if stop.is_set() and not any(p.is_alive() for p in procs):
+                    break  # every worker finished its fragment and left; all events are read
                 dead = [p for p in procs if p.exitcode not in (None, 0)]
                 if dead:
                     raise JobFailed(
@@ -107,10 +117,13 @@ def _run_inline(
     pending: list[Fragment],
     progress: JobProgress,
     on_done: OnDone,
+    stopping: threading.Event,
 ) -> None:
     scorer = FragmentScorer(job, table)
     try:
         for fragment in pending:
+            if stopping.is_set():
+                return
             on_done(scorer.score(fragment, progress.advance))
     finally:
         scorer.close()
@@ -131,10 +144,12 @@ def _pin(index: int, count: int) -> None:
 
 
 def _worker(
-    index: int, count: int, job: JobSpec, table: InputTable, tasks: Any, events: Any
+    index: int, count: int, job: JobSpec, table: InputTable, tasks: Any, events: Any, stop: Any
 ) -> None:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the job stops its workers itself
+    # The job stops its workers itself (SIGTERM: through `stop`, at a fragment boundary).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _pin(index, count)
     try:
         scorer = FragmentScorer(job, table)
@@ -142,7 +157,7 @@ def _worker(
         events.put(("failed", error_to_wire(exc)))
         return
     try:
-        while (fragment := tasks.get()) is not None:
+        while not stop.is_set() and (fragment := tasks.get()) is not None:
             try:
                 entry = scorer.score(fragment, lambda rows: events.put(("rows", rows)))
             except InferplaneError as exc:

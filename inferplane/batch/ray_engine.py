@@ -9,6 +9,7 @@ find a CPU and the pipeline cannot deadlock waiting for one.
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -51,7 +52,10 @@ def run_ray(
     address: str | None = None,
     actors: int | None = None,
     cpus_per_actor: float = 0.5,
+    stopping: threading.Event | None = None,
 ) -> None:
+    """Once `stopping` is set, returns after the next committed fragment (the actors' other
+    work in flight is dropped uncommitted: a rerun scores it)."""
     if not pending:
         return
     ray = require_ray()
@@ -78,6 +82,8 @@ def run_ray(
                     raise error_from_wire(*entry["error"])
                 progress.advance(int(entry["rows_in"]))
                 on_done(entry)
+                if stopping is not None and stopping.is_set():
+                    return
         except InferplaneError:
             raise
         except Exception as exc:

@@ -220,6 +220,47 @@ def test_killed_midway_then_rerun_gives_exactly_one_row_per_input_row(
     assert manifest["rows"] == {"in": files * rows, "out": files * rows, "errored": 0}
 
 
+def test_sigterm_stops_at_a_fragment_boundary_exit_3_and_the_rerun_resumes(
+    repo: Path, tmp_path: Path
+) -> None:
+    """What a Kubernetes Job pod gets on eviction: the fragments being scored commit, none
+    starts after, exit 3 (retry) without _SUCCESS; the rerun scores only the rest."""
+    files, rows = 16, 30_000
+    write_parquet_files(tmp_path / "in", files=files, rows=rows)
+    out = tmp_path / "out"
+    args = ["-i", str(tmp_path / "in"), "-o", str(out), "-s", "tabular", "-r", str(repo),
+            "--id-column", "customer_id", "--workers", "2", "--chunk-rows", "2048"]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "inferplane", "batch", *args],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    entries = out / "_manifest"
+    deadline = time.monotonic() + 90
+    while not (entries.exists() and any(entries.iterdir())):
+        assert proc.poll() is None, "the job ended before the test could stop it"
+        assert time.monotonic() < deadline, "no fragment committed within 90 s"
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr
+    assert "stopped by SIGTERM at a fragment boundary" in stderr
+    committed = len(list(entries.iterdir()))
+    assert 0 < committed < files, f"{committed} of {files} committed when stopped"
+    assert not (out / "_SUCCESS").exists()
+    leftovers = (
+        [p for p in (out / "_tmp").rglob("*") if p.is_file()] if (out / "_tmp").exists() else []
+    )
+    assert not leftovers, f"half-written files after the stop: {leftovers}"
+    # Every committed fragment is whole: the stop waited for the ones being scored.
+    table = read_scores(out)
+    assert table.num_rows == committed * rows
+
+    rerun = run_batch(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    table = read_scores(out)
+    assert np.array_equal(table["customer_id"].to_numpy(), np.arange(files * rows))
+
+
 def test_a_service_splits_rows_between_versions_and_each_row_names_its_own(
     repo: Path, tmp_path: Path
 ) -> None:
