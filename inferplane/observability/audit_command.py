@@ -44,7 +44,8 @@ def audit_command(
             "--db",
             "--sink",
             envvar="INFERPLANE_AUDIT",
-            help="Audit sink to read: a SQLite file, sqlite:PATH, jsonl:PATH or parquet:DIR.",
+            help="Audit sink to read: a SQLite file, sqlite:PATH, jsonl:PATH, parquet:DIR or "
+            "kafka://HOST:PORT/TOPIC (read from the start to the end of now).",
         ),
     ] = DEFAULT_SINK,
     request_id: Annotated[

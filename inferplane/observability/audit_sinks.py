@@ -1,7 +1,8 @@
 """Audit sinks (SQLite, JSONL, Parquet) and reading their records back.
 
 A sink spec is a path (SQLite, the default; `*.jsonl` means JSONL) or `kind:path` with kind
-`sqlite`, `jsonl` or `parquet`; `kind:///abs/path` and `kind:/abs/path` are both absolute.
+`sqlite`, `jsonl` or `parquet`; `kind:///abs/path` and `kind:/abs/path` are both absolute. A
+fleet shares `kafka://HOST:PORT/TOPIC` (observability/audit_kafka.py).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import orjson
 from inferplane.errors import BadRequest, MissingExtra, NotFound
 from inferplane.observability.audit import FIELDS, AuditRecord, AuditSink
 
-KINDS = ("sqlite", "jsonl", "parquet")
+KINDS = ("sqlite", "jsonl", "parquet", "kafka")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)  # 2+ letters: not C:\
 _row = operator.attrgetter(*FIELDS)
 
@@ -38,8 +39,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
         if kind not in KINDS:
             raise BadRequest(
                 f"unknown audit sink kind '{kind}:' in '{spec}'; use a path (SQLite), "
-                "sqlite:PATH, jsonl:PATH or parquet:DIR"
+                "sqlite:PATH, jsonl:PATH, parquet:DIR or kafka://HOST:PORT/TOPIC"
             )
+        if kind == "kafka":
+            return kind, text  # the whole URL: hosts, topic, options
         if path.startswith("//"):
             path = path[2:]
         if not path:
@@ -52,6 +55,10 @@ def parse_spec(spec: str) -> tuple[str, str]:
 
 def open_sink(spec: str) -> AuditSink:
     kind, path = parse_spec(spec)
+    if kind == "kafka":
+        from inferplane.observability.audit_kafka import KafkaAuditSink
+
+        return KafkaAuditSink(path)
     if kind == "jsonl":
         return JsonlSink(path)
     if kind == "parquet":
@@ -266,6 +273,10 @@ def query(
         principal=principal,
     )
     kind, path = parse_spec(spec_or_path)
+    if kind == "kafka":
+        from inferplane.observability.audit_kafka import read_kafka
+
+        return _latest((r for r in read_kafka(path) if flt.matches(r)), limit)
     readers: dict[str, Callable[[Path, _Filter, int], list[AuditRecord]]] = {
         "sqlite": _query_sqlite,
         "jsonl": _query_jsonl,
