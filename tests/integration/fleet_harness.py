@@ -323,41 +323,9 @@ def create_topic(bootstrap: str, topic: str) -> None:
         future.result(30)
 
 
-def count_jsonl_ids(paths: list[Path]) -> Counter[str]:
-    import json
+def count_audit_ids(bootstrap: str, topic: str) -> Counter[str]:
+    """Request ids of every record in `topic`, read as `inferplane audit --sink kafka://` does
+    (from the start to the high watermarks of now)."""
+    from inferplane.observability.audit_kafka import read_kafka
 
-    ids: Counter[str] = Counter()
-    for path in paths:
-        for line in path.read_text().splitlines():
-            if line.strip():
-                ids[str(json.loads(line).get("request_id"))] += 1
-    return ids
-
-
-def count_audit_ids(bootstrap: str, topic: str, idle_s: float = 5.0) -> Counter[str]:
-    """Request ids of every record in `topic` (read from the start until `idle_s` of silence)."""
-    import json
-
-    from confluent_kafka import Consumer
-
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"fleet-check-{time.time()}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False})  # fmt: skip
-    consumer.subscribe([topic])
-    ids: Counter[str] = Counter()
-    last = time.monotonic()
-    try:
-        while time.monotonic() - last < idle_s:
-            msg = consumer.poll(0.5)
-            if msg is None or msg.error():
-                continue
-            last = time.monotonic()
-            key = msg.key().decode() if msg.key() else None
-            if key is None:
-                try:
-                    key = json.loads(msg.value()).get("request_id")
-                except ValueError:
-                    key = None
-            ids[str(key)] += 1
-    finally:
-        consumer.close()
-    return ids
+    return Counter(str(row.get("request_id")) for row in read_kafka(f"kafka://{bootstrap}/{topic}"))

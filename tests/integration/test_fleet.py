@@ -51,21 +51,6 @@ def fleet(moto_s3, tansu, tmp_path: Path, free_port) -> Iterator[dict]:  # type:
     audit = f"kafka://{bootstrap}/{topic}"
     env = {"AWS_ENDPOINT_URL": moto_s3.endpoint_url}  # the moto_s3 fixture sets the keys
     replicas = [fh.Replica(url, free_port(), tmp_path, args, env, audit) for _ in range(3)]
-    probe = replicas[0]
-    probe.start(wait=False)
-    while probe.process.poll() is None and "Uvicorn running" not in probe.log():
-        try:
-            probe.wait_ready(timeout=0.5)
-            break
-        except (TimeoutError, RuntimeError):
-            pass
-    if probe.process.poll() is not None and "unknown audit sink kind 'kafka:'" in probe.log():
-        # the Kafka audit sink has not landed: each start of each replica writes its own JSONL
-        for replica in replicas:
-            replica.audit = str(tmp_path / "audit-{port}-{start}.jsonl").join(("jsonl:", ""))
-        audit = ""
-    probe.stop()
-    probe.starts = 0
     port = free_port()
     haproxy = None
     try:
@@ -78,7 +63,7 @@ def fleet(moto_s3, tansu, tmp_path: Path, free_port) -> Iterator[dict]:  # type:
         haproxy = fh.start_haproxy(cfg, port)
         time.sleep(1.5)  # rise 2 at inter 500ms
         yield {"url": url, "lb": f"http://127.0.0.1:{port}", "replicas": replicas,
-               "bootstrap": bootstrap, "topic": topic, "kafka": bool(audit), "dir": tmp_path}  # fmt: skip
+               "bootstrap": bootstrap, "topic": topic, "dir": tmp_path}  # fmt: skip
     finally:
         if haproxy is not None:
             haproxy.terminate()
@@ -119,10 +104,7 @@ def test_rolling_update_sticky_watch_audit(fleet: dict) -> None:
     assert all(len(arms) == 1 for arms in load.arms.values()), load.arms
 
     # audit: one record per answered request, keyed by request id
-    if fleet["kafka"]:
-        ids = fh.count_audit_ids(fleet["bootstrap"], fleet["topic"])
-    else:  # until `--audit-sink kafka://` lands: the replicas' JSONL files
-        ids = fh.count_jsonl_ids(sorted(fleet["dir"].glob("audit-*.jsonl")))
+    ids = fh.count_audit_ids(fleet["bootstrap"], fleet["topic"])
     missing = load.request_ids - set(ids)
     assert not missing, f"{len(missing)} of {len(load.request_ids)} answered requests not audited"
     dupes = {k: n for k, n in ids.items() if n > 1 and k in load.request_ids}
