@@ -1,1 +1,0 @@
-"""The control plane: declarative platform files reconciled into the repository (`apply`)."""
