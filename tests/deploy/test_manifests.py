@@ -21,7 +21,13 @@ from inferplane.repository.store import Repository
 from tests.integration.servers import ROOT, start_server
 
 DEPLOY = ROOT / "deploy"
-TREES = [DEPLOY / "k8s" / "base", DEPLOY / "batch"]
+TREES = [
+    DEPLOY / "k8s" / "base",
+    DEPLOY / "k8s" / "stream-kafka",
+    DEPLOY / "k8s" / "stream-redis",
+    DEPLOY / "batch",
+]
+SCHEMAS = Path(__file__).parent / "schemas"  # custom resources' OpenAPI schemas (README.md)
 KUBERNETES = "1.30.0"
 
 
@@ -65,10 +71,46 @@ def test_every_tree_renders_and_validates_strictly(tree: Path) -> None:
     docs = _render(tree)
     assert docs
     for doc in docs:
+        group, _, version = doc["apiVersion"].rpartition("/")
+        if "." in group and not group.endswith(".k8s.io"):
+            _validate_custom(doc, group, version)
+            continue
         try:
             kubernetes_validate.validate(doc, KUBERNETES, strict=True)
         except kubernetes_validate.ValidationError as exc:
             pytest.fail(f"{doc['kind']}/{doc['metadata']['name']}: {exc.message} at {exc.path}")
+
+
+def _validate_custom(doc: dict, group: str, version: str) -> None:
+    import json
+
+    import jsonschema
+
+    schema = SCHEMAS / f"{group}_{version}_{doc['kind']}.json"
+    assert schema.exists(), f"no schema for {doc['apiVersion']} {doc['kind']} in {SCHEMAS}"
+    errors = list(jsonschema.Draft7Validator(json.loads(schema.read_text())).iter_errors(doc))
+    assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {errors[0].message}"
+
+
+def test_custom_resource_checks_refuse_a_wrong_field() -> None:
+    doc = next(d for d in _render(DEPLOY / "k8s" / "stream-kafka") if d["kind"] == "ScaledObject")
+    doc["spec"]["minReplicaCount"] = "one"
+    with pytest.raises(AssertionError, match="not of type 'integer'"):
+        _validate_custom(doc, "keda.sh", "v1alpha1")
+
+
+@pytest.mark.parametrize("tree", ["stream-kafka", "stream-redis"])
+def test_stream_workers_scale_on_the_group_they_consume(tree: str) -> None:
+    docs = {d["kind"]: d for d in _render(DEPLOY / "k8s" / tree)}
+    worker = docs["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    group = next(a.split("=", 1)[1] for a in worker["args"] if a.startswith("--group="))
+    scaled = docs["ScaledObject"]["spec"]
+    assert scaled["scaleTargetRef"]["name"] == docs["Deployment"]["metadata"]["name"]
+    assert scaled["triggers"][0]["metadata"]["consumerGroup"] == group
+    drain = next(float(a.split("=")[1]) for a in worker["args"] if a.startswith("--drain-"))
+    assert (
+        drain + 5 <= docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    )
 
 
 def test_the_server_deployment_drains_within_its_grace_period() -> None:
@@ -89,9 +131,10 @@ def _flags(args: list[str]) -> list[str]:
     return [a.split("=")[0] for a in args if a.startswith("--")]
 
 
-def test_manifests_use_only_flags_the_cli_has() -> None:
-    server = _render(DEPLOY / "k8s" / "base")
-    container = next(d for d in server if d["kind"] == "Deployment")["spec"]["template"]["spec"][
+@pytest.mark.parametrize("tree", ["base", "stream-kafka", "stream-redis"])
+def test_manifests_use_only_flags_the_cli_has(tree: str) -> None:
+    docs = _render(DEPLOY / "k8s" / tree)
+    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
         "containers"
     ][0]
     command, *args = container["args"]
