@@ -25,6 +25,8 @@ TREES = [
     DEPLOY / "k8s" / "base",
     DEPLOY / "k8s" / "stream-kafka",
     DEPLOY / "k8s" / "stream-redis",
+    DEPLOY / "k8s" / "monitoring",
+    DEPLOY / "k8s" / "kserve",
     DEPLOY / "batch",
 ]
 SCHEMAS = Path(__file__).parent / "schemas"  # custom resources' OpenAPI schemas (README.md)
@@ -88,14 +90,36 @@ def _validate_custom(doc: dict, group: str, version: str) -> None:
 
     schema = SCHEMAS / f"{group}_{version}_{doc['kind']}.json"
     assert schema.exists(), f"no schema for {doc['apiVersion']} {doc['kind']} in {SCHEMAS}"
-    errors = list(jsonschema.Draft7Validator(json.loads(schema.read_text())).iter_errors(doc))
+    strict = _strict(json.loads(schema.read_text()))
+    errors = list(jsonschema.Draft7Validator(strict).iter_errors(doc))
     assert not errors, f"{doc['kind']}/{doc['metadata']['name']}: {errors[0].message}"
+
+
+def _strict(schema: object) -> object:
+    """The schema with unknown fields refused where the API server would prune them (objects
+    with declared properties that do not keep unknown fields), as `kubectl --validate=strict`."""
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {k: _strict(v) for k, v in schema.items()}
+    if (
+        "properties" in schema
+        and "additionalProperties" not in schema
+        and not schema.get("x-kubernetes-preserve-unknown-fields")
+    ):
+        out["additionalProperties"] = False
+    return out
 
 
 def test_custom_resource_checks_refuse_a_wrong_field() -> None:
     doc = next(d for d in _render(DEPLOY / "k8s" / "stream-kafka") if d["kind"] == "ScaledObject")
     doc["spec"]["minReplicaCount"] = "one"
     with pytest.raises(AssertionError, match="not of type 'integer'"):
+        _validate_custom(doc, "keda.sh", "v1alpha1")
+    doc["spec"]["minReplicaCount"] = 1
+    doc["spec"]["minReplicas"] = 1  # an HPA field, not KEDA's
+    with pytest.raises(AssertionError, match="'minReplicas' was unexpected"):
         _validate_custom(doc, "keda.sh", "v1alpha1")
 
 
@@ -131,12 +155,20 @@ def _flags(args: list[str]) -> list[str]:
     return [a.split("=")[0] for a in args if a.startswith("--")]
 
 
-@pytest.mark.parametrize("tree", ["base", "stream-kafka", "stream-redis"])
+def _containers(docs: list[dict]) -> list[dict]:
+    found = []
+    for doc in docs:
+        spec = doc.get("spec", {})
+        if doc["kind"] == "ServingRuntime":
+            found += spec["containers"]
+        elif doc["kind"] in ("Deployment", "Job"):
+            found += spec["template"]["spec"]["containers"]
+    return found
+
+
+@pytest.mark.parametrize("tree", ["base", "stream-kafka", "stream-redis", "kserve"])
 def test_manifests_use_only_flags_the_cli_has(tree: str) -> None:
-    docs = _render(DEPLOY / "k8s" / tree)
-    container = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"][
-        "containers"
-    ][0]
+    (container,) = _containers(_render(DEPLOY / "k8s" / tree))
     command, *args = container["args"]
     help_text = subprocess.run(
         [sys.executable, "-m", "inferplane", command, "--help"],
