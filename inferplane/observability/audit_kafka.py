@@ -9,6 +9,7 @@ buffer is bounded and sheds records when the broker is away.
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ import orjson
 from inferplane.errors import BadRequest, MissingExtra
 from inferplane.observability.audit import AuditRecord
 
+log = logging.getLogger("inferplane.audit.kafka")
 _DELIVERY_TIMEOUT_S = 30.0
 # Options a spec may set (`?acks=1&compression=zstd`): librdkafka names, a short list on purpose.
 _OPTIONS = {"acks": "acks", "compression": "compression.type", "linger_ms": "linger.ms"}
@@ -64,6 +66,7 @@ class KafkaAuditSink:
                 "linger.ms": 5,
                 "compression.type": "lz4",
                 "message.timeout.ms": int(_DELIVERY_TIMEOUT_S * 1000),
+                "logger": log,  # librdkafka's own lines through logging, not raw on stderr
                 **options,
             }
         )
@@ -120,6 +123,7 @@ def read_kafka(spec: str) -> list[dict[str, Any]]:
             "group.id": f"inferplane-audit-reader-{uuid.uuid4().hex[:8]}",
             "enable.auto.commit": False,
             "auto.offset.reset": "earliest",
+            "log_level": 0,  # a command line: the one error line below says what failed
         }
     )
     try:

@@ -183,5 +183,6 @@ def test_one_line_errors(tmp_path: Path) -> None:
     not_db = tmp_path / "notes.db"
     not_db.write_text("not sqlite")
     one_line_error(audit("--db", str(not_db)), "is not an audit database")
-    one_line_error(audit("--sink", "kafka://broker/audit"), "unknown audit sink kind 'kafka:'")
+    one_line_error(audit("--sink", "kafka://127.0.0.1:1/audit"), "cannot read kafka://127.0.0.1:1")
+    one_line_error(audit("--sink", "redis://r/audit"), "unknown audit sink kind 'redis:'")
     one_line_error(audit("--db", str(not_db), "--limit", "0"), "--limit must be >= 1")
