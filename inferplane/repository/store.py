@@ -2,8 +2,9 @@
 
 A version exists once its `model.yaml` exists: artifacts are written first and `model.yaml` last, so a
 crashed registration leaves an invisible folder, never a half-readable version. Versions are
-immutable: nothing here rewrites or deletes a version folder that has a `model.yaml`. Aliases live
-in `<root>/<model>/aliases.yaml` (alias -> version).
+immutable: nothing here rewrites a version folder that has a `model.yaml`; `delete_version` (used
+by `inferplane apply --prune`) removes a whole version, `model.yaml` first. Aliases live in
+`<root>/<model>/aliases.yaml` (alias -> version).
 
 Listings are recursive (`fs.find`: on S3 one paginated ListObjects for the whole tree), so
 `list_models`, `index` and `catalogue` cost a few requests whatever the number of models. A
@@ -460,6 +461,21 @@ class Repository:
                 f"model '{config.name}' version {config.version} is taken by another "
                 "registration (running, or one that crashed before it finished)"
             ) from None
+
+    def delete_version(self, model: str, version: int) -> None:
+        """Delete one version: its model.yaml first, so that from then on no reader sees the
+        version, then its other files. The claim stays behind, so the number is never given to
+        other files. The caller makes sure that no alias or service refers to it any more."""
+        vdir = self.version_path(model, version)
+        try:
+            self.fs.rm_file(posixpath.join(vdir, MODEL_YAML))
+        except FileNotFoundError:
+            raise NotFound(f"model '{model}' has no version {version}") from None
+        claim = posixpath.join(vdir, CLAIM)
+        for path in sorted(self.fs.find(vdir), reverse=True):
+            if str(path).rstrip("/") != claim:
+                self.fs.rm_file(path)
+        self._forget_listings(self._model_path(model))
 
     # loading -----------------------------------------------------------------------------
     def fetch(self, config: ModelConfig) -> str:
