@@ -27,6 +27,8 @@ TREES = [
     DEPLOY / "k8s" / "stream-redis",
     DEPLOY / "k8s" / "monitoring",
     DEPLOY / "k8s" / "kserve",
+    DEPLOY / "k8s" / "gpu",
+    DEPLOY / "gitops",
     DEPLOY / "batch",
 ]
 SCHEMAS = Path(__file__).parent / "schemas"  # custom resources' OpenAPI schemas (README.md)
@@ -135,6 +137,14 @@ def test_stream_workers_scale_on_the_group_they_consume(tree: str) -> None:
     assert (
         drain + 5 <= docs["Deployment"]["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
     )
+
+
+def test_the_gpu_overlay_asks_for_a_gpu_on_the_gpu_pool() -> None:
+    docs = {d["kind"]: d for d in _render(DEPLOY / "k8s" / "gpu")}
+    pod = docs["Deployment"]["spec"]["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert docs["HorizontalPodAutoscaler"], "the overlay keeps the rest of base"
 
 
 def test_the_server_deployment_drains_within_its_grace_period() -> None:
