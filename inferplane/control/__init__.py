@@ -1,0 +1,1 @@
+"""The control plane: declarative platform files reconciled into the repository (`inferplane apply`)."""
