@@ -703,6 +703,10 @@ app.command("batch")(one_line_errors(batch_command))
 from inferplane.observability.audit_command import audit_command  # noqa: E402
 
 app.command("audit")(one_line_errors(audit_command))
+# -- apply (inferplane/control/apply_command.py) --
+from inferplane.control.apply_command import apply_command  # noqa: E402
+
+app.command("apply")(one_line_errors(apply_command))
 
 
 # -- keys (inferplane/edge/keys_command.py) --
