@@ -11,6 +11,7 @@ import heapq
 import operator
 import os
 import re
+import socket
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -191,36 +192,63 @@ def _arrow_schema() -> Any:
 
 
 class ParquetSink:
-    """A folder of Parquet files, one per written batch (readable as one dataset)."""
+    """Parquet files under a folder or any fsspec URL (`parquet:s3://lake/audit`), partitioned
+    by the hour of each record (`date=YYYY-MM-DD/hour=HH/`, UTC, Hive style), one file per
+    replica, flush and hour. Names carry the replica (INFERPLANE_REPLICA, else the host name:
+    a pod's name), the pid, a time and a sequence, so replicas sharing a prefix never write one
+    name twice; a local file appears whole (written under a dot name, then renamed), an object
+    store gets one PUT per file."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str) -> None:
+        import fsspec
+
         self.schema = _arrow_schema()
-        self.path = Path(path)
-        self.description = f"parquet:{self.path}"
+        try:
+            self.fs, self.root = fsspec.core.url_to_fs(path)
+        except (ImportError, ValueError) as exc:
+            raise BadRequest(f"cannot open the audit folder '{path}': {exc}") from None
+        self.root = self.root.rstrip("/") or "/"
+        self.local = "file" in (
+            self.fs.protocol if isinstance(self.fs.protocol, tuple) else (self.fs.protocol,)
+        )
+        self.description = f"parquet:{path}"
+        self.replica = re.sub(
+            r"[^A-Za-z0-9_.-]", "_", os.environ.get("INFERPLANE_REPLICA") or socket.gethostname()
+        )
         self._seq = 0
         try:
-            self.path.mkdir(parents=True, exist_ok=True)
+            self.fs.makedirs(self.root, exist_ok=True)
         except OSError as exc:
-            raise BadRequest(f"cannot create the audit folder '{self.path}': {exc}") from None
+            raise BadRequest(f"cannot create the audit folder '{path}': {exc}") from None
 
     def write(self, records: Sequence[AuditRecord]) -> None:
         import pyarrow as pa
         import pyarrow.parquet as pq
 
-        columns = list(zip(*map(_row, records), strict=True))
-        table = pa.table(
-            {
-                name: pa.array(col, type=self.schema.field(name).type)
-                for name, col in zip(FIELDS, columns, strict=True)
-            },
-            schema=self.schema,
-        )
-        self._seq += 1
-        name = f"audit-{time.time_ns()}-{os.getpid()}-{self._seq:06d}.parquet"
-        # Readers skip dot files, so a half-written batch is never read.
-        tmp = self.path / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        os.replace(tmp, self.path / name)
+        hours: dict[str, list[AuditRecord]] = {}
+        for rec in records:
+            hour = time.strftime("date=%Y-%m-%d/hour=%H", time.gmtime(rec.time or 0.0))
+            hours.setdefault(hour, []).append(rec)
+        for hour, recs in hours.items():
+            columns = list(zip(*map(_row, recs), strict=True))
+            table = pa.table(
+                {
+                    name: pa.array(col, type=self.schema.field(name).type)
+                    for name, col in zip(FIELDS, columns, strict=True)
+                },
+                schema=self.schema,
+            )
+            self._seq += 1
+            folder = f"{self.root}/{hour}"
+            name = f"audit-{self.replica}-{os.getpid()}-{time.time_ns()}-{self._seq:06d}.parquet"
+            if self.local:
+                self.fs.makedirs(folder, exist_ok=True)
+                tmp = f"{folder}/.{name}.tmp"  # readers skip dot files: never read half-written
+                pq.write_table(table, tmp)
+                os.replace(tmp, f"{folder}/{name}")
+            else:
+                with self.fs.open(f"{folder}/{name}", "wb") as out:
+                    pq.write_table(table, out)
 
     def close(self) -> None:
         pass
@@ -280,8 +308,9 @@ def query(
     readers: dict[str, Callable[[Path, _Filter, int], list[AuditRecord]]] = {
         "sqlite": _query_sqlite,
         "jsonl": _query_jsonl,
-        "parquet": _query_parquet,
     }
+    if kind == "parquet":
+        return _query_parquet(path, flt, limit)
     where = Path(path)
     if not where.exists():
         what = (
@@ -359,10 +388,18 @@ def _query_jsonl(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
         raise BadRequest(f"cannot read the audit file '{path}': {exc}") from None
 
 
-def _query_parquet(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
+def _query_parquet(path: str, flt: _Filter, limit: int) -> list[AuditRecord]:
     schema = _arrow_schema()
+    import fsspec
+    import pyarrow as pa
     import pyarrow.dataset as ds
 
+    try:
+        fs, root = fsspec.core.url_to_fs(path)
+    except (ImportError, ValueError) as exc:
+        raise BadRequest(f"cannot open the audit folder '{path}': {exc}") from None
+    if not fs.exists(root):
+        raise NotFound(f"audit folder '{path}' does not exist")
     expr = None
     for column, value in (
         ("request_id", flt.request_id),
@@ -374,8 +411,21 @@ def _query_parquet(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
         if value is not None:
             term = ds.field(column) == value
             expr = term if expr is None else expr & term
+    hive = pa.schema([("date", pa.string()), ("hour", pa.string())])
     if flt.since is not None:
         term = ds.field("time") >= flt.since
+        # whole hours before --since are skipped without opening their files
+        start = time.gmtime(flt.since)
+        day, hour = time.strftime("%Y-%m-%d", start), time.strftime("%H", start)
+        pruned = (ds.field("date") > day) | ((ds.field("date") == day) & (ds.field("hour") >= hour))
+        term = term & (pruned | ds.field("date").is_null())
         expr = term if expr is None else expr & term
-    table = ds.dataset(path, format="parquet", schema=schema).to_table(filter=expr)
+    dataset = ds.dataset(
+        root,
+        filesystem=fs,
+        format="parquet",
+        schema=pa.unify_schemas([schema, hive]),
+        partitioning=ds.partitioning(hive, flavor="hive"),
+    )
+    table = dataset.to_table(columns=list(FIELDS), filter=expr)
     return _latest(table.to_pylist(), limit)

@@ -284,8 +284,10 @@ def test_sink_specs() -> None:
     assert parse_spec("jsonl:/tmp/a.jsonl") == ("jsonl", "/tmp/a.jsonl")
     assert parse_spec("logs/audit.jsonl") == ("jsonl", "logs/audit.jsonl")
     assert parse_spec("parquet:///lake/audit") == ("parquet", "/lake/audit")
-    with pytest.raises(BadRequest, match="unknown audit sink kind 'kafka:'"):
-        parse_spec("kafka://broker/topic")
+    assert parse_spec("parquet:s3://lake/audit") == ("parquet", "s3://lake/audit")
+    assert parse_spec("kafka://b1:9092,b2:9092/audit") == ("kafka", "kafka://b1:9092,b2:9092/audit")
+    with pytest.raises(BadRequest, match="unknown audit sink kind 'redis:'"):
+        parse_spec("redis://broker/topic")
     with pytest.raises(BadRequest, match="empty"):
         parse_spec("  ")
     with pytest.raises(BadRequest, match="names no path"):
