@@ -78,6 +78,15 @@ class VersionSpec(_Strict):
     idle_unload_s: float | None = Field(default=None, gt=0)
     resources: Resources | None = None
 
+    @field_validator("sha256", mode="before")
+    @classmethod
+    def _text(cls, v: Any) -> Any:
+        # YAML reads an unquoted digest of digits only as a number (and 1e5… as a float)
+        values = v.values() if isinstance(v, dict) else [v]
+        if any(isinstance(d, int | float) for d in values):
+            raise ValueError("a sha256 digest is text: quote it (YAML read it as a number)")
+        return v
+
     @field_validator("sha256")
     @classmethod
     def _digests(cls, v: str | dict[str, str] | None) -> str | dict[str, str] | None:
