@@ -318,22 +318,24 @@ def _stored_digests(config: ModelConfig) -> dict[str, str]:
     return {k[len(prefix) :]: v for k, v in config.sha256.items() if k.startswith(prefix)}
 
 
-def _digest_problem(declared: dict[str, str], actual: dict[str, str], what: str) -> str | None:
-    if declared == actual:
+def _digest_problem(a: dict[str, str], b: dict[str, str], a_where: str, b_where: str) -> str | None:
+    """How two sets of content digests (VersionSpec.digests() form) differ, or None."""
+    if a == b:
         return None
-    if ("" in declared) != ("" in actual):
-        kind = "a file" if "" in actual else "a folder"
-        return f"{what} is {kind}, the sha256 declared is for " + (
-            "a file" if "" in declared else "a folder (file -> digest)"
-        )
-    for rel in sorted(set(declared) | set(actual)):
+    if ("" in a) != ("" in b):
+
+        def kind(d: dict[str, str]) -> str:
+            return "one file" if "" in d else "a folder (file -> digest)"
+
+        return f"{a_where} is {kind(a)}, {b_where} {kind(b)}"
+    for rel in sorted(set(a) | set(b)):
         name = f"'{rel}'" if rel else "the artifact"
-        if rel not in actual:
-            return f"{what} has no file {name}"
-        if rel not in declared:
-            return f"{what} has a file {name} that the declared sha256 leaves out"
-        if declared[rel] != actual[rel]:
-            return f"sha256 of {name} is {actual[rel][:12]}…, expected {declared[rel][:12]}…"
+        if rel not in b:
+            return f"file {name} is in {a_where}, not in {b_where}"
+        if rel not in a:
+            return f"file {name} is in {b_where}, not in {a_where}"
+        if a[rel] != b[rel]:
+            return f"sha256 of {name} is {a[rel][:12]}… in {a_where}, {b[rel][:12]}… in {b_where}"
     return None  # pragma: no cover (equal dicts returned above)
 
 
@@ -368,7 +370,9 @@ def _new_version(
     config = _register(_Rehearsal([]), name, number, spec, artifact)
     declared = spec.digests()
     if declared is not None:
-        problem = _digest_problem(declared, _stored_digests(config), f"artifact {spec.artifact}")
+        problem = _digest_problem(
+            _stored_digests(config), declared, f"artifact {spec.artifact}", "the file's sha256"
+        )
         if problem is not None:
             raise ApplyRefused(f"{problem}; refusing to register it")
     return NewVersion(name, number, spec, artifact, config)
@@ -423,11 +427,13 @@ def _compare(
     declared_digests = spec.digests()
     stored_digests = _stored_digests(config)
     if declared_digests is not None:  # the artifact itself is not read again
-        problem = _digest_problem(stored_digests, declared_digests, "the version's artifact")
+        problem = _digest_problem(
+            declared_digests, stored_digests, "the file's sha256", "the repository"
+        )
         if problem is not None:
             problems.append(
                 f"{where}.sha256: {name} version {number} in the repository has another "
-                f"artifact ({problem.replace('expected', 'stored')})"
+                f"artifact ({problem})"
             )
     else:
         try:
@@ -437,11 +443,13 @@ def _compare(
                 f"{where}.artifact: {exc.message} (declare its sha256 to compare without it)"
             )
         else:
-            problem = _digest_problem(stored_digests, actual, f"artifact {spec.artifact}")
+            problem = _digest_problem(
+                actual, stored_digests, f"artifact {spec.artifact}", "the repository"
+            )
             if problem is not None:
                 problems.append(
                     f"{where}.artifact: differs from {name} version {number} in the repository "
-                    f"({problem.replace('expected', 'stored')})"
+                    f"({problem})"
                 )
     if problems:
         problems[-1] += (

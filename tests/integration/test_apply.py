@@ -277,7 +277,7 @@ def test_sha256_mismatch_refused(tmp_path: Path, artifacts: Path) -> None:
     file = write(tmp_path / "platform.yaml", platform(models, repository="repo"))
     code, out = apply("-f", str(file))
     assert code == 2
-    assert f"expected {sha(artifacts / 'c.onnx')[:12]}…; refusing to register it" in out
+    assert f"{sha(artifacts / 'c.onnx')[:12]}… in the file's sha256; refusing to register it" in out
     assert "models.tab.versions.2" in out
     assert not (tmp_path / "repo").exists()  # version 1 was fine, yet nothing is written
 
