@@ -367,7 +367,25 @@ def _new_version(
         except OSError as exc:
             raise BadRequest(f"cannot download artifact {spec.artifact}: {exc}") from None
         artifact = dest
-    config = _register(_Rehearsal([]), name, number, spec, artifact)
+    try:
+        config = _register(_Rehearsal([]), name, number, spec, artifact)
+    except InferplaneError as exc:
+        if "name:DATATYPE:shape" not in exc.message:
+            raise
+        # register's message speaks of command-line options; this file has fields
+        head = exc.message.split("; pass ")[0]
+        wanted = " and ".join(
+            f
+            for f, flag in (("inputs", "--input "), ("outputs", "--output "))
+            if flag in exc.message
+        )
+        raise BadRequest(f"{head}; declare {wanted}: [{{name, datatype, shape}}]") from None
+    except Exception as exc:  # a framework's own error about an artifact it cannot read
+        first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+        raise BadRequest(
+            f"artifact {spec.artifact} cannot be read as a {spec.runtime or 'model'}: "
+            f"{type(exc).__name__}: {first}"
+        ) from None
     declared = spec.digests()
     if declared is not None:
         problem = _digest_problem(

@@ -202,3 +202,21 @@ def test_services_equal_in_meaning_are_not_rewritten(tmp_path: Path, model: str)
     plan = plan_for(doc, tmp_path, repo)
     assert plan.lines == ["~ service s: timeout_ms changed"]
     assert any(line.startswith("-# hand-written") for line in plan.services_diff())
+
+
+def test_an_artifact_register_cannot_read_is_a_problem_not_a_traceback(
+    tmp_path: Path, model: str
+) -> None:
+    (tmp_path / "bad.onnx").write_bytes(b"not a graph")
+    repo = Repository(str(tmp_path / "repo"))
+    versions = {
+        1: {"artifact": "bad.onnx"},
+        2: {"artifact": "none.onnx"},
+        3: {"artifact": "m.onnx", "runtime": "torch"},
+    }
+    message = refusal({"models": {"t": {"versions": versions}}}, tmp_path, repo)
+    assert "3 problems, nothing written" in message
+    assert "models.t.versions.1: artifact bad.onnx cannot be read as a model: " in message
+    assert "models.t.versions.2: artifact" in message and "does not exist" in message
+    assert "declare inputs and outputs: [{name, datatype, shape}]" in message
+    assert not (tmp_path / "repo").exists()
