@@ -437,3 +437,19 @@ def test_applied_services_are_served(tmp_path: Path, artifacts: Path) -> None:
     finally:
         server.stop()
     assert os.path.exists(tmp_path / "repo" / "services.yaml")
+
+
+def test_the_file_from_standard_input(tmp_path: Path, artifacts: Path) -> None:
+    models = two_versions()
+    for spec in models["tab"]["versions"].values():
+        spec["artifact"] = str(tmp_path / spec["artifact"])  # relative paths start at the cwd
+    text = yaml.safe_dump(platform(models), sort_keys=False)
+    result = CliRunner().invoke(
+        app, ["apply", "-f", "-", "-r", str(tmp_path / "repo"), "--dry-run"], input=text
+    )
+    assert result.exit_code == 0, result.output
+    assert "dry run: 4 changes planned" in result.output
+    env = {"INFERPLANE_REPOSITORY": str(tmp_path / "env-repo")}
+    result = CliRunner().invoke(app, ["apply", "-f", "-"], input=text, env=env)
+    assert result.exit_code == 0, result.output
+    assert Repository(str(tmp_path / "env-repo")).list_versions("tab") == [1, 2]
