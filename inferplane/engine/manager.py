@@ -317,15 +317,19 @@ class ModelManager:
     def _new_entry(
         self, name: str, configs: Iterable[ModelConfig], aliases: dict[str, int]
     ) -> ModelEntry:
-        pinned_numbers = {aliases[a] for a in self.residency.pin_aliases if a in aliases}
+        pinned_numbers = self._pinned_numbers(aliases)
         entry = ModelEntry(name=name, aliases=aliases)
         for config in configs:
             entry.versions[config.version] = LoadedVersion(
                 config=config,
-                pinned=config.residency == "pinned" or config.version in pinned_numbers,
+                pinned=_pinned(config, pinned_numbers),
                 idle_unload_s=config.idle_unload_s or self.residency.idle_unload_s,
             )
         return entry
+
+    def _pinned_numbers(self, aliases: dict[str, int]) -> set[int]:
+        """The versions the --pin-aliases aliases name."""
+        return {aliases[a] for a in self.residency.pin_aliases if a in aliases}
 
     def _loads_at_start(self, lv: LoadedVersion) -> bool:
         if lv.pinned:
@@ -689,9 +693,9 @@ class ModelManager:
                 await self._load_logged(lv, WATCH)
 
     async def _move_aliases(self, entry: ModelEntry, aliases: dict[str, int]) -> None:
-        pinned = {aliases[a] for a in self.residency.pin_aliases if a in aliases}
-        for number, lv in entry.versions.items():
-            lv.pinned = lv.config.residency == "pinned" or number in pinned
+        pinned_numbers = self._pinned_numbers(aliases)
+        for lv in entry.versions.values():
+            lv.pinned = _pinned(lv.config, pinned_numbers)
         await self._load_at_start(entry.versions.values())  # a newly pinned version, first
         moves = [
             f"{alias} {entry.aliases.get(alias, '-')} -> {aliases.get(alias, '-')}"
@@ -860,3 +864,8 @@ def _placement(lv: LoadedVersion) -> str:
     if isinstance(lv.runtime, ProcessRuntime):
         return f"{n} worker process" + ("es" if n > 1 else "")
     return f"{n} instance thread" + ("s" if n > 1 else "")
+
+
+def _pinned(config: ModelConfig, pinned_numbers: set[int]) -> bool:
+    """model.yaml says `residency: pinned`, or a --pin-aliases alias names the version."""
+    return config.residency == "pinned" or config.version in pinned_numbers

@@ -19,7 +19,8 @@ from typing import Any
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.integration.servers import ROOT, ServerProcess
+
 HAPROXY = shutil.which("haproxy") or "/usr/sbin/haproxy"
 MODEL = "tab"
 SERVICE = "reco"
@@ -110,7 +111,7 @@ class Replica:
     log_dir: Path
     args: tuple[str, ...] = ()
     env: dict[str, str] = field(default_factory=dict)
-    audit: str = ""  # --audit-sink value; "{start}" becomes the start count (one file each)
+    audit: str = ""  # --audit-sink value
     process: subprocess.Popen[bytes] | None = None
     cpu_done: float = 0.0  # CPU seconds of earlier (restarted) processes on this port
     starts: int = 0
@@ -131,7 +132,7 @@ class Replica:
             *self.args,
         ]  # fmt: skip
         if self.audit:
-            cmd += ["--audit-sink", self.audit.format(port=self.http_port, start=self.starts)]
+            cmd += ["--audit-sink", self.audit]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, **self.env}
@@ -144,19 +145,7 @@ class Replica:
 
     def wait_ready(self, timeout: float = 60.0) -> None:
         assert self.process is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"replica :{self.http_port} exited with {self.process.returncode}:\n{self.log()}"
-                )
-            try:
-                if httpx.get(self.url + "/v2/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"replica :{self.http_port} not ready in {timeout}s:\n{self.log()}")
+        ServerProcess(self.process, self.http_port, 0, self.log_path).wait(timeout=timeout)
 
     def cpu(self) -> float:
         return self.cpu_done + (cpu_seconds(self.process.pid) if self.process else 0.0)
