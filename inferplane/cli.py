@@ -14,6 +14,7 @@ from rich.table import Table
 
 from inferplane import __version__
 from inferplane.errors import InferplaneError
+from inferplane.observability.trace_options import OtlpEndpointOpt, TraceSampleOpt, trace_settings
 
 if TYPE_CHECKING:  # imported where used: `inferplane --help` stays quick
     from inferplane.engine.residency import ResidencyOptions
@@ -235,6 +236,8 @@ def serve(
         str | None,
         typer.Option(help="Trim the artifact cache to this size, least recently used first."),
     ] = None,
+    otlp_endpoint: OtlpEndpointOpt = None,
+    trace_sample: TraceSampleOpt = None,
 ) -> None:
     """Serve the repository's models over V2 REST and gRPC (and V1 REST)."""
     from inferplane.routing.policy_source import default_services_url, read_policy
@@ -247,6 +250,7 @@ def serve(
     _check_tls(tls_cert, tls_key, tls_client_ca, tls_require_client_cert, http_server)
     residency = _residency(load, pin_aliases, memory_budget, idle_unload_s)
     cache_bytes = _size(cache_size, "--cache-size")
+    traces = trace_settings(otlp_endpoint, trace_sample, "inferplane")
     repo = _repo(repository)
     if not repo.exists():
         raise typer.BadParameter(
@@ -298,6 +302,7 @@ def serve(
             max_connections=max_connections,
             max_idle_connections=max_idle_connections,
             grpc_max_streams=grpc_max_streams,
+            traces=traces,
             residency=residency,
             cache_dir=cache_dir,
             cache_size=cache_bytes,

@@ -19,3 +19,6 @@ class RequestContext:
     priority: int = 0  # 0 = default; 1 is the highest of the model's priority levels
     parameters: Mapping[str, Any] = field(default_factory=dict)  # the V2 request's parameters
     pattern: str = "online"  # online | stream | batch: which access pattern asked (for the audit)
+    # The recording span this request's work goes under (observability/tracing.py); None: the
+    # request is not traced (tracing off or not sampled), and nothing below makes spans.
+    span: Any = None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import sys
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from inferplane.edge.validation import validate_inputs
 from inferplane.engine.manager import LoadedVersion, ModelManager, State
 from inferplane.engine.residency import ResidencyOptions
 from inferplane.errors import BadRequest, InferplaneError, InternalError
+from inferplane.observability import tracing
 from inferplane.observability.audit import AuditLog, AuditRecord, open_sink
 from inferplane.observability.metrics import Metrics
 from inferplane.observability.redaction import AuditRules, audit_salt
@@ -109,6 +111,53 @@ class InProcessPredictor:
         outputs: Sequence[str] | None = None,
         context: RequestContext,
     ) -> Prediction:
+        if context.span is not None:
+            return await self._traced(target, inputs, version, outputs, context)
+        return await self._audited(target, inputs, version, outputs, context)
+
+    async def _traced(
+        self,
+        target: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str | None,
+        outputs: Sequence[str] | None,
+        context: RequestContext,
+    ) -> Prediction:
+        """The `route` span: what the target resolved to; the work below goes under it."""
+        tracer, parent = tracing.ACTIVE, context.span
+        if tracer is None:  # tracing was switched off while the request was on its way
+            context.span = None
+            return await self._audited(target, inputs, version, outputs, context)
+        service = version is None and target in self.services.compiled
+        span = tracer.child(
+            parent,
+            f"route {target}",
+            {"inferplane.service" if service else "inferplane.target": target},
+        )
+        context.span = span
+        try:
+            prediction = await self._audited(target, inputs, version, outputs, context)
+            span.set_attribute("inferplane.route", prediction.route)
+            span.set_attribute("inferplane.model", prediction.model_name)
+            span.set_attribute("inferplane.model_version", prediction.model_version)
+            return prediction
+        except InferplaneError as exc:
+            if exc.status >= 500:
+                tracing.fail(span, exc.message)
+            span.set_attribute("inferplane.status", exc.status)
+            raise
+        finally:
+            context.span = parent
+            span.end()
+
+    async def _audited(
+        self,
+        target: str,
+        inputs: Mapping[str, np.ndarray],
+        version: str | None,
+        outputs: Sequence[str] | None,
+        context: RequestContext,
+    ) -> Prediction:
         audit = self.audit
         if audit is None:
             return await self._predict(target, inputs, version, outputs, context)
@@ -136,6 +185,11 @@ class InProcessPredictor:
                 error=error,
                 pattern=context.pattern,
                 principal=context.principal,
+                trace_id=(
+                    tracing.trace_id_of(context.span)
+                    if context.span is not None
+                    else tracing.trace_id_from(context.traceparent)
+                ),
             )
             if audit.wants_payload():
                 # Redacted here, before the record leaves the request: raw values of a
@@ -179,9 +233,19 @@ class InProcessPredictor:
         validate_inputs(lv.config, inputs, outputs)
         started = time.perf_counter_ns()
         ok = False
+        span = trace = None
+        if context.span is not None and tracing.ACTIVE is not None:
+            span = tracing.ACTIVE.child(
+                context.span,
+                f"infer {lv.name}:{lv.version}",
+                {"inferplane.model": lv.name, "inferplane.model_version": lv.version},
+            )
+            trace = span.get_span_context()
         try:
             if lv.state is not State.READY:
                 # On demand, evicted or idle-unloaded: the request waits for its load.
+                if span is not None:
+                    span.set_attribute("inferplane.cold_start", True)
                 await self.manager.activate(lv, deadline)
             result = await self.manager.infer(
                 lv,
@@ -192,6 +256,7 @@ class InProcessPredictor:
                 # Offline scoring may hand the model more rows than an online execution takes:
                 # it runs alone, in one execution, where large batches are cheapest per row.
                 oversize=context.pattern == "batch",
+                trace=trace,
             )
             ok = True
             return result
@@ -212,6 +277,10 @@ class InProcessPredictor:
             ) from exc
         finally:
             lv.stats.record_request(ok, time.perf_counter_ns() - started)
+            if span is not None:
+                if not ok:
+                    tracing.fail(span, str(sys.exc_info()[1] or "cancelled"))
+                span.end()
 
 
 def build_in_process(

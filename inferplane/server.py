@@ -21,6 +21,8 @@ from starlette.responses import Response
 
 from inferplane.edge.gate import Edge
 from inferplane.engine.residency import ResidencyOptions
+from inferplane.observability import tracing
+from inferplane.observability.tracing import TraceSettings
 from inferplane.predictor import build_in_process
 from inferplane.protocols import models_rest, services_rest, v1_rest, v2_rest
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
@@ -68,6 +70,7 @@ class ServerSettings:
     residency: ResidencyOptions = field(default_factory=ResidencyOptions)
     cache_dir: str | None = None  # local copies of remote artifacts; None: <tmp>/inferplane-cache
     cache_size: int | None = None  # bytes the cache is trimmed to (LRU); None: no limit
+    traces: TraceSettings | None = None  # OpenTelemetry export (docs/observability.md); None: off
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -241,6 +244,14 @@ class _UvicornServer(uvicorn.Server):
 
 
 async def serve(settings: ServerSettings) -> None:
+    tracing.configure(settings.traces)
+    try:
+        await _serve(settings)
+    finally:
+        tracing.shutdown()  # the spans still buffered go out before the process ends
+
+
+async def _serve(settings: ServerSettings) -> None:
     deps = build_deps(settings)
     drain = Drain(deps, settings.drain_seconds)
     app = build_app(deps)

@@ -828,15 +828,17 @@ class ModelManager:
         deadline: float | None = None,
         priority: int = 0,
         oversize: bool = False,
+        trace: Any = None,
     ) -> asyncio.Future[dict[str, np.ndarray]]:
         """Queue one request on the version's scheduler (`deadline` is a time.monotonic()); await
         the future for its outputs. Not a coroutine: one frame less on every request's path.
-        The version must be READY (`activate` first)."""
+        The version must be READY (`activate` first). `trace`: the span context of a traced
+        request, for the execution's span to link to."""
         scheduler = lv.scheduler
         if lv.state is not State.READY or scheduler is None:
             raise Unavailable(f"model '{lv.name}' version {lv.version} is not ready")
         lv.last_used = time.monotonic()
-        return scheduler.submit(inputs, outputs, deadline, priority, oversize)
+        return scheduler.submit(inputs, outputs, deadline, priority, oversize, trace)
 
 
 def _unread_row(name: str, version: int) -> dict[str, Any]:

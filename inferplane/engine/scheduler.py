@@ -40,6 +40,7 @@ from inferplane.errors import (
     Overloaded,
     Unavailable,
 )
+from inferplane.observability import tracing
 from inferplane.repository.schema import ModelConfig
 from inferplane.runtimes import Runtime
 
@@ -59,6 +60,7 @@ class Work:
     deadline: float | None  # time.monotonic()
     expired: bool = False
     timer: asyncio.TimerHandle | None = None
+    trace: Any = None  # the span context of a traced request (observability/tracing.py)
 
 
 def batch_rows(inputs: dict[str, np.ndarray]) -> int:
@@ -80,6 +82,7 @@ class Scheduler:
     ) -> None:
         self.runtime = runtime
         self.name = f"{config.name} v{config.version}"
+        self.model, self.version, self.kind = config.name, str(config.version), config.runtime
         batching = config.batching
         self.batch_dim = config.max_batch_size > 0
         self.batching = batching is not None and batching.enabled and batching.max_batch_size > 1
@@ -120,6 +123,7 @@ class Scheduler:
         deadline: float | None = None,
         priority: int = 0,
         oversize: bool = False,
+        trace: Any = None,
     ) -> asyncio.Future[Outputs]:
         """Queue one request; await the returned future for its outputs. Not a coroutine: one
         frame less on every request's path. Refusals (queue full, unloading, too many rows) raise
@@ -137,6 +141,8 @@ class Scheduler:
         work = Work(
             inputs, rows, outputs, loop.create_future(), loop, time.perf_counter_ns(), deadline
         )
+        if trace is not None:
+            work.trace = trace
         level = min(max(priority - 1, 0), len(self.levels) - 1) if priority else 0
         with self.lock:
             if self.closing:
@@ -293,6 +299,8 @@ class Scheduler:
                     self._execute([work])
                 return
             self._resolve(batch, None, exc)
+            if tracing.ACTIVE is not None and batch[0].trace is not None:
+                self._trace(batch, timing, started, str(exc))
             return
         here = _running_loop() if self.on_loop else None
         if here is None:
@@ -305,6 +313,34 @@ class Scheduler:
             # answer always sees its execution).
             self._resolve(batch, results, None)
             here.call_soon(self.on_execution, timing)
+        if tracing.ACTIVE is not None:
+            self._trace(batch, timing, started, None)
+
+    def _trace(
+        self, batch: list[Work], timing: ExecutionTiming, started: int, error: str | None
+    ) -> None:
+        """The execution's spans, when a request it served is traced; after the answers went
+        out, so that tracing never delays them."""
+        traced = [(w.trace, w.enqueued_ns) for w in batch if w.trace is not None]
+        tracer = tracing.ACTIVE
+        if not traced or tracer is None:
+            return
+        infer_start = started + timing.input_ns
+        infer_end = infer_start + timing.infer_ns if timing.infer_ns else time.perf_counter_ns()
+        try:
+            tracer.record_execution(
+                self.model,
+                self.version,
+                self.kind,
+                traced,
+                timing.rows,
+                started,
+                infer_start,
+                infer_end,
+                error,
+            )
+        except Exception:  # a tracing fault must never stop an instance thread
+            log.exception("recording the spans of an execution of %s failed", self.name)
 
     def _run(self, batch: list[Work], timing: ExecutionTiming) -> list[Outputs]:
         t0 = time.perf_counter_ns()

@@ -53,6 +53,9 @@ class AuditRecord:
     # Who called, as the edge authenticated them; last, so that positional records and
     # databases written before it existed (their column is added at the end) keep working.
     principal: str | None = None
+    trace_id: str | None = (
+        None  # the W3C trace the request belongs to (traced or sent by the caller)
+    )
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))

@@ -38,6 +38,7 @@ from inferplane.edge.identity import Principal
 from inferplane.edge.quotas import NO_LEASE
 from inferplane.engine.scheduler import batch_rows
 from inferplane.errors import BadRequest, CataloguePending, DeadlineExceeded, InferplaneError
+from inferplane.observability import tracing
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import Prediction, RequestContext
 from inferplane.protocols import grpc_transport, model_views
@@ -297,8 +298,22 @@ class InferenceServicer:
         label_model, label_version, status = UNKNOWN, "", 500
         self.manager.inflight += 1
         lease = NO_LEASE
+        span = error = None
+        request_id = request.id or str(uuid.uuid4())
         try:
             headers = _metadata(context)
+            tracer = tracing.ACTIVE
+            if tracer is not None:
+                span = tracer.start_request(
+                    "inference.GRPCInferenceService/ModelInfer",
+                    headers.get("traceparent"),
+                    {
+                        "rpc.system": "grpc",
+                        "rpc.service": "inference.GRPCInferenceService",
+                        "rpc.method": "ModelInfer",
+                        "inferplane.target": name,
+                    },
+                )
             tenant, principal = headers.get(TENANT), None
             edge = self.deps.edge
             if edge is not None:
@@ -323,7 +338,7 @@ class InferenceServicer:
                 version=request.model_version or None,
                 outputs=[o.name for o in request.outputs] or None,
                 context=RequestContext(
-                    request_id=request.id or str(uuid.uuid4()),
+                    request_id=request_id,
                     tenant=tenant,
                     principal=principal,
                     deadline=deadline,
@@ -331,6 +346,7 @@ class InferenceServicer:
                     traceparent=headers.get("traceparent"),
                     priority=request_priority(params),
                     parameters=params,
+                    span=span,
                 ),
             )
             label_model, label_version = prediction.model_name, prediction.model_version
@@ -341,13 +357,15 @@ class InferenceServicer:
             return response
         except InferplaneError as exc:
             # Same status vocabulary as REST (HTTP codes), so one alert covers both protocols.
-            status = exc.status
+            status, error = exc.status, exc.message
             if name in self.manager.models:
                 label_model = name
             raise
         finally:
             self.manager.inflight -= 1
             lease.release()
+            if span is not None:
+                tracing.end_request(span, status, label_model, label_version, request_id, error)
             self.metrics.requests.labels(label_model, label_version, "grpc", str(status)).inc()
             if status == 200:
                 self.metrics.request_latency.labels(label_model, label_version, "grpc").observe(

@@ -19,6 +19,7 @@ from inferplane.edge.access import INFER
 from inferplane.edge.quotas import NO_LEASE
 from inferplane.engine.scheduler import batch_rows
 from inferplane.errors import DeadlineExceeded, InferplaneError, PayloadTooLarge
+from inferplane.observability import tracing
 from inferplane.observability.metrics import UNKNOWN
 from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
@@ -72,6 +73,7 @@ class InferHandler:
         label_model, label_version, status = UNKNOWN, "", 500
         manager.inflight += 1
         lease = NO_LEASE
+        span = request_id = error = None
         try:
             header_len = traceparent = timeout_ms = tenant = authorization = api_key = None
             for key, value in headers:
@@ -87,6 +89,17 @@ class InferHandler:
                     authorization = value.decode("latin-1")
                 elif key == API_KEY_HEADER:
                     api_key = value.decode("latin-1")
+            tracer = tracing.ACTIVE
+            if tracer is not None:
+                span = tracer.start_request(
+                    "POST /v2/models/{model}/infer",
+                    traceparent,
+                    {
+                        "http.request.method": "POST",
+                        "http.route": "/v2/models/{model}/infer",
+                        "inferplane.target": name,
+                    },
+                )
             principal = None
             edge = deps.edge
             if edge is not None:
@@ -97,6 +110,7 @@ class InferHandler:
             if isinstance(body, InferplaneError):
                 raise body
             decoded = decode_request(body, header_len)
+            request_id = decoded.id
             if lease is not NO_LEASE:
                 lease.charge_rows(batch_rows(decoded.inputs))
             service = version is None and deps.predictor.is_service(name)
@@ -110,6 +124,7 @@ class InferHandler:
                 parameters=decoded.parameters,
                 # Only a service's match rules and sticky key read headers: skip the dict otherwise.
                 headers=_header_dict(headers) if service else {},
+                span=span,
             )
             prediction = await deps.predictor.predict(
                 name,
@@ -133,7 +148,7 @@ class InferHandler:
             binary = (b"inference-header-content-length", str(binary_len).encode())
             return 200, [(b"content-type", b"application/octet-stream"), route, binary], payload
         except InferplaneError as exc:
-            status = exc.status
+            status, error = exc.status, exc.message
             if name in manager.models:
                 label_model = name
             return status, [_JSON_TYPE, *exc.response_headers()], dumps({"error": exc.message})
@@ -143,6 +158,9 @@ class InferHandler:
         finally:
             manager.inflight -= 1
             lease.release()
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                tracing.end_request(span, status, label_model, label_version, request_id, error)
             # Counted just after the answer is written (the caller writes it in this same step).
             asyncio.get_running_loop().call_soon(
                 self._count, label_model, label_version, status, time.perf_counter() - started

@@ -17,6 +17,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -32,6 +33,7 @@ from inferplane.errors import (
     PayloadTooLarge,
     Unavailable,
 )
+from inferplane.observability import tracing
 from inferplane.observability.metrics import Metrics
 from inferplane.routing.answer_cache import AnswerCache, input_key
 from inferplane.routing.breaker import BreakerState, CircuitBreaker
@@ -281,7 +283,9 @@ class Services:
             return
         self._shadow_inflight[service.name] = busy + 1
         task = asyncio.get_running_loop().create_task(
-            self._run_shadow(service, shadow, inputs, primary, ctx.request_id, ctx.pattern)
+            self._run_shadow(
+                service, shadow, inputs, primary, ctx.request_id, ctx.pattern, ctx.span
+            )
         )
         self._shadow_tasks.add(task)
         task.add_done_callback(self._shadow_tasks.discard)
@@ -294,22 +298,39 @@ class Services:
         primary: Routed,
         primary_id: str,
         pattern: str,
+        primary_span: Any = None,
     ) -> None:
         model, version = shadow.model, shadow.version or ""
         shadow_ctx = RequestContext(request_id=f"{primary_id}:shadow", pattern=pattern)
+        tracer = tracing.ACTIVE
+        if primary_span is not None and tracer is not None:
+            # A trace of its own, linked to the primary's route: the shadow runs after the
+            # answer went out and must not stretch the caller's trace.
+            shadow_ctx.span = tracer.root(
+                f"shadow {shadow.model}:{shadow.version or ''}".rstrip(":"),
+                {"inferplane.service": service.name, "inferplane.request_id": primary_id},
+                links=[primary_span.get_span_context()],
+            )
         try:
             lv, _ = self.router.resolve(shadow.model, shadow.version)
             model, version = lv.name, lv.version
+            if shadow_ctx.span is not None:
+                shadow_ctx.span.set_attribute("inferplane.model", model)
+                shadow_ctx.span.set_attribute("inferplane.model_version", version)
             started = time.perf_counter()
             result = await self.run(lv, inputs, None, None, shadow_ctx)
             elapsed = time.perf_counter() - started
         except Exception as exc:  # a shadow's failure is a metric, never the caller's problem
             log.debug("service %s: shadow %s:%s failed: %s", service.name, model, version, exc)
+            if shadow_ctx.span is not None:
+                tracing.fail(shadow_ctx.span, str(exc))
             if self.metrics is not None:
                 self.metrics.shadow_requests.labels(service.name, model, version, "error").inc()
             return
         finally:
             self._shadow_inflight[service.name] -= 1
+            if shadow_ctx.span is not None:
+                shadow_ctx.span.end()
         m = self.metrics
         if m is None:
             return
