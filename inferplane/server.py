@@ -19,12 +19,13 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 
+from inferplane.console import routes as console_routes
 from inferplane.edge.gate import Edge
 from inferplane.engine.residency import ResidencyOptions
 from inferplane.observability import tracing
 from inferplane.observability.tracing import TraceSettings
 from inferplane.predictor import build_in_process
-from inferplane.protocols import models_rest, services_rest, v1_rest, v2_rest
+from inferplane.protocols import audit_rest, models_rest, services_rest, v1_rest, v2_rest
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.http_protocol import HttpLimits, v2_http_protocol
@@ -122,6 +123,8 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
         + v1_rest.build_routes(deps)
         + services_rest.build_routes(deps)
         + models_rest.build_routes(deps)
+        + audit_rest.build_routes(deps)
+        + console_routes.build_routes(deps)
     )
     return InferEndpoint(
         deps,
