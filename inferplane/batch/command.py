@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from inferplane.observability.trace_options import OtlpEndpointOpt, TraceSampleOpt, trace_settings
+
 _out = Console()
 _err = Console(stderr=True)
 
@@ -114,6 +116,8 @@ def batch_command(
     log_interval: Annotated[
         float, typer.Option(help="Seconds between progress lines when not on a terminal.")
     ] = 10.0,
+    otlp_endpoint: OtlpEndpointOpt = None,
+    trace_sample: TraceSampleOpt = None,
 ) -> None:
     """Score a table with a model. Exit codes: 0 done, 1 job failed (e.g. too many bad rows),
     2 usage or configuration error, 3 model or storage unavailable (retry later)."""
@@ -146,6 +150,10 @@ def batch_command(
         ray_actors=ray_actors,
         ray_cpus_per_actor=ray_cpus_per_actor,
         progress_interval_s=log_interval,
+        # A job is one unit of work: traced whole unless --trace-sample says otherwise.
+        traces=trace_settings(
+            otlp_endpoint, 1.0 if trace_sample is None else trace_sample, "inferplane-batch"
+        ),
     )
     try:
         result = run_job(

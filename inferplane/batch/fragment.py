@@ -23,6 +23,7 @@ from inferplane.batch.scoring import score_rows
 from inferplane.batch.spec import METADATA_COLUMNS, JobFailed, JobSpec, TransientFailure
 from inferplane.batch.writer import ERRORS, OutputLayout, ParquetOutput, output_key
 from inferplane.errors import InferplaneError
+from inferplane.observability import tracing
 from inferplane.predictor import Predictor, open_predictor
 from inferplane.tensors import BYTES, DATATYPE_TO_DTYPE, TensorSpec
 
@@ -91,6 +92,10 @@ class FragmentScorer:
     def __init__(self, job: JobSpec, table: InputTable) -> None:
         self.job = job
         self.table = table
+        # A worker process exports its own fragments' spans; inline, the job's process does.
+        self._own_tracing = job.traces is not None and tracing.ACTIVE is None
+        if self._own_tracing:
+            tracing.configure(job.traces)
         self.layout = OutputLayout(job.output_url)
         self.loop = asyncio.new_event_loop()
         self._stack = contextlib.AsyncExitStack()
@@ -107,6 +112,33 @@ class FragmentScorer:
         )
 
     def score(self, fragment: Fragment, report: Report = lambda _: None) -> dict[str, Any]:
+        tracer = tracing.ACTIVE
+        if tracer is None or self.job.trace_parent is None:
+            return self._score_now(fragment, report)
+        span = tracer.start_request(
+            f"fragment {fragment.key}",
+            self.job.trace_parent,
+            {
+                "inferplane.batch.job_id": self.job.job_id,
+                "inferplane.batch.input": fragment.key,
+                "inferplane.batch.input_bytes": fragment.size or 0,
+            },
+            kind=tracer.INTERNAL,
+        )
+        if span is None:
+            return self._score_now(fragment, report)
+        try:
+            entry = self._score_now(fragment, report)
+        except BaseException as exc:
+            tracing.fail(span, str(exc))
+            span.end()
+            raise
+        for key in ("rows_in", "rows_out", "rows_errored", "output_bytes"):
+            span.set_attribute(f"inferplane.batch.{key}", int(entry.get(key) or 0))
+        span.end()
+        return entry
+
+    def _score_now(self, fragment: Fragment, report: Report) -> dict[str, Any]:
         pa = require_pyarrow()
         try:
             return self.loop.run_until_complete(self._score(fragment, report))
@@ -123,6 +155,8 @@ class FragmentScorer:
             self.loop.run_until_complete(self._stack.aclose())
         finally:
             self.loop.close()
+            if self._own_tracing:
+                tracing.shutdown()  # the worker's last spans go out before it exits
 
     async def _score(self, fragment: Fragment, report: Report) -> dict[str, Any]:
         pa = require_pyarrow()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
+import os
 import threading
 import time
 import uuid
@@ -27,6 +28,8 @@ from inferplane.batch.spec import METADATA_COLUMNS, JobSpec, TransientFailure
 from inferplane.batch.stopping import JobStopped, stop_on_sigterm
 from inferplane.batch.writer import JOB_FILE, SUCCESS, OutputLayout, output_key
 from inferplane.errors import BadRequest, DeadlineExceeded, Unavailable
+from inferplane.observability import tracing
+from inferplane.observability.tracing import TraceSettings
 from inferplane.predictor import Signature, open_predictor
 
 ENGINES = ("local", "ray")
@@ -58,6 +61,7 @@ class JobOptions:
     ray_actors: int | None = None
     ray_cpus_per_actor: float = 0.5
     progress_interval_s: float = 10.0
+    traces: TraceSettings | None = None  # OpenTelemetry export; None: not traced
 
 
 @dataclass(slots=True)
@@ -241,9 +245,61 @@ def run_job(
     log: Callable[[str], None] = lambda _: None,
 ) -> JobResult:
     """Plan and run the job; raises JobFailed (exit 1/3) or BadRequest and kin (exit 2)."""
+    owned = o.traces is not None and tracing.ACTIVE is None
+    if owned:
+        tracing.configure(o.traces)
+    try:
+        return _traced_job(o, stream, fancy_progress, log)
+    finally:
+        if owned:
+            tracing.shutdown()
+
+
+def _traced_job(
+    o: JobOptions,
+    stream: TextIO | None,
+    fancy_progress: bool | None,
+    log: Callable[[str], None],
+) -> JobResult:
+    """The job under one span (`batch <target>`, continuing TRACEPARENT from the environment,
+    the convention of schedulers that pass trace context to jobs); each fragment's span goes
+    under it, from whichever process scores the fragment."""
+    tracer = tracing.ACTIVE
+    span = None
+    if tracer is not None:
+        span = tracer.start_request(
+            f"batch {o.target}",
+            os.environ.get("TRACEPARENT"),
+            {"inferplane.batch.input": o.input, "inferplane.batch.output": o.output},
+            kind=tracer.INTERNAL,
+        )
+    if span is None:
+        return _run_job(o, stream, fancy_progress, log, None)
+    try:
+        result = _run_job(o, stream, fancy_progress, log, span)
+    except BaseException as exc:
+        tracing.fail(span, str(exc))
+        span.end()
+        raise
+    span.set_attribute("inferplane.batch.job_id", result.job_id)
+    span.set_attribute("inferplane.batch.fragments_scored", result.scored_fragments)
+    span.set_attribute("inferplane.batch.rows", result.rows_this_run)
+    span.end()
+    return result
+
+
+def _run_job(
+    o: JobOptions,
+    stream: TextIO | None,
+    fancy_progress: bool | None,
+    log: Callable[[str], None],
+    span: Any,
+) -> JobResult:
     started = time.monotonic()
     plan = plan_job(o)
     job, layout = plan.job, plan.layout
+    if span is not None:
+        job.traces, job.trace_parent = o.traces, tracing.traceparent_of(span)
     current = {f.key for f in plan.table.fragments}
     done = {k: v for k, v in plan.committed.items() if k in current}
     if not plan.pending and layout.fs.exists(layout.path(SUCCESS)):

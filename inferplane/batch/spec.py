@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from inferplane.batch.mapping import InputBinding
 from inferplane.errors import BadRequest, InferplaneError
@@ -61,6 +62,10 @@ class JobSpec:
     max_error_rate: float
     retries: int = 5
     extra: dict[str, str] = field(default_factory=dict)
+    # Traces (observability/tracing.py): what workers export with, and the job's span that
+    # each fragment's span goes under; None: not traced.
+    traces: Any = None
+    trace_parent: str | None = None
 
     @property
     def predictor_label(self) -> str:

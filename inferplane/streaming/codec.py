@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import random
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -21,12 +20,11 @@ import numpy as np
 import orjson
 
 from inferplane.errors import BadRequest
+from inferplane.observability.tracing import TRACEPARENT, parse_traceparent, traceparent_of
 from inferplane.predictor import Signature
 from inferplane.streaming.connector import Event, Record
 from inferplane.tensors import BYTES, TensorSpec, dtype_of, from_json
 
-TRACEPARENT = "traceparent"
-_TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$")
 _DUMPS_OPTIONS = orjson.OPT_SERIALIZE_NUMPY
 _random = random.Random()
 
@@ -39,6 +37,7 @@ class Decoded:
     rows: int
     event_time_ms: int
     v2: bool  # a full V2 request: its outputs keep their row axis
+    span: Any = None  # the event's consumer span when it is traced (observability/tracing.py)
 
     @property
     def shape_key(self) -> tuple[tuple[int, ...], ...]:
@@ -80,9 +79,9 @@ def child_traceparent(parent: str | None) -> str:
     """A W3C traceparent for the scoring span: the caller's trace when it sent one, else a new one."""
     # Trace ids need to be unique, not secret: the fast generator, never all zeros.
     span = f"{_random.getrandbits(64) | 1:016x}"
-    match = _TRACEPARENT_RE.match(parent.strip().lower()) if parent else None
-    if match and match.group(1) != "0" * 32:
-        return f"00-{match.group(1)}-{span}-{match.group(3)}"
+    caller = parse_traceparent(parent)
+    if caller is not None:
+        return f"00-{caller.trace_id:032x}-{span}-{'01' if caller.sampled else '00'}"
     return f"00-{_random.getrandbits(128) | 1:032x}-{span}-01"
 
 
@@ -269,7 +268,11 @@ def output_record(
     # the shapes they asked with.
     single = not decoded.v2 and decoded.rows == 1
     values = {n: _json_value(a[0, ...] if single and a.ndim else a) for n, a in outputs.items()}
-    traceparent = child_traceparent(event.headers.get(TRACEPARENT))
+    traceparent = (
+        child_traceparent(event.headers.get(TRACEPARENT))
+        if decoded.span is None
+        else traceparent_of(decoded.span)  # the consumer span: downstream continues the trace
+    )
     doc = {
         "id": decoded.event_id,
         "key": _key_text(event.key),

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from inferplane.errors import BadRequest
+from inferplane.observability.trace_options import OtlpEndpointOpt, TraceSampleOpt, trace_settings
 
 if TYPE_CHECKING:  # the command module stays light: the worker loads when a stream starts
     from inferplane.streaming.worker import WorkerSettings
@@ -107,8 +108,11 @@ def stream_command(
     ] = 0,
     metrics_host: Annotated[str, typer.Option(help="Address for the metrics port.")] = "127.0.0.1",
     log_level: Annotated[str, typer.Option(help="debug, info, warning, error.")] = "info",
+    otlp_endpoint: OtlpEndpointOpt = None,
+    trace_sample: TraceSampleOpt = None,
 ) -> None:
     """Score a stream: events in from --source, predictions out to --sink, failures to --dlq."""
+    from inferplane.observability import tracing
     from inferplane.streaming.codec import parse_mapping
 
     for value, name in ((batch_size, "--batch-size"), (max_in_flight, "--max-in-flight")):
@@ -123,6 +127,8 @@ def stream_command(
     )
     from inferplane.streaming.worker import WorkerSettings
 
+    # Each event continues the trace its producer sent (docs/observability.md "Traces").
+    tracing.configure(trace_settings(otlp_endpoint, trace_sample, "inferplane-stream"))
     settings = WorkerSettings(
         target=service,
         version=version,
@@ -160,6 +166,8 @@ def stream_command(
         asyncio.run(runner)
     else:
         uvloop.run(runner)
+    finally:
+        tracing.shutdown()
 
 
 async def _run(

@@ -28,6 +28,8 @@ from inferplane.errors import (
     NotFound,
     Unavailable,
 )
+from inferplane.observability import tracing
+from inferplane.observability.tracing import TRACEPARENT
 from inferplane.predictor import Predictor, RequestContext
 from inferplane.streaming.codec import (
     Decoded,
@@ -246,7 +248,12 @@ class StreamWorker:
             except Exception as exc:  # a payload shape the decoder did not foresee: still poison
                 reason = f"undecodable event: {_describe(exc)}"
                 failed[i] = (self._dead(event, reason, exc, 0), "decode")
+        tracer = tracing.ACTIVE
+        if tracer is not None:
+            self._start_spans(tracer, decoded)
         results = await asyncio.gather(*(self._predict(c) for c in self._chunks(decoded)))
+        if tracer is not None:
+            _end_spans(results)
         by_event: dict[int, tuple[Record, str | None]] = {}
         times: dict[int, int] = {}
         ids = {id(e): i for i, e in enumerate(events)}
@@ -265,6 +272,24 @@ class StreamWorker:
             else:
                 scored.dead.append((record, kind))
         return scored
+
+    def _start_spans(self, tracer: tracing.Tracing, decoded: list[Decoded]) -> None:
+        """Each event's consumer span, continuing the trace its producer sent (a Kafka header,
+        a Redis field); the output event carries this span as its parent."""
+        system = type(self.source).__name__.lower().removesuffix("source")
+        for d in decoded:
+            d.span = tracer.start_request(
+                f"process {self.source.name}",
+                d.event.headers.get(TRACEPARENT),
+                {
+                    "messaging.system": system,
+                    "messaging.operation": "process",
+                    "messaging.destination.name": self.source.name,
+                    "messaging.message.id": d.event.message_id,
+                    "inferplane.event_id": d.event_id,
+                },
+                kind=tracer.CONSUMER,
+            )
 
     def _chunks(self, decoded: list[Decoded]) -> list[list[Decoded]]:
         """Events that can share one predictor call, at most max_rows rows each, in order."""
@@ -290,6 +315,27 @@ class StreamWorker:
         else:
             names = chunk[0].inputs.keys()
             inputs = {n: np.concatenate([d.inputs[n] for d in chunk]) for n in names}
+        span = None
+        tracer = tracing.ACTIVE
+        traced = [d.span for d in chunk if d.span is not None] if tracer is not None else []
+        if traced and tracer is not None:
+            # One predictor call for the chunk: under the first traced event, linked to all.
+            span = tracer.child(
+                traced[0],
+                f"predict {s.target}",
+                {"inferplane.stream.events": len(chunk)},
+                links=[sp.get_span_context() for sp in traced],
+            )
+        try:
+            return await self._attempts(chunk, inputs, span)
+        finally:
+            if span is not None:
+                span.end()
+
+    async def _attempts(
+        self, chunk: list[Decoded], inputs: dict[str, np.ndarray], span: Any
+    ) -> list[tuple[Decoded, Record, str | None]]:
+        s = self.settings
         attempt = 0
         while True:
             attempt += 1
@@ -299,6 +345,7 @@ class StreamWorker:
                 deadline=time.monotonic() + s.timeout_ms / 1000,
                 traceparent=chunk[0].event.headers.get("traceparent") if len(chunk) == 1 else None,
                 pattern="stream",
+                span=span,
             )
             try:
                 prediction = await self.predictor.predict(
@@ -501,3 +548,14 @@ class StreamWorker:
 def _describe(exc: BaseException) -> str:
     message = exc.message if isinstance(exc, InferplaneError) else str(exc)
     return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _end_spans(results: list[list[tuple[Decoded, Record, str | None]]]) -> None:
+    """Close the events' spans once scored; a dead-lettered event's span is an error."""
+    for result in results:
+        for d, _, kind in result:
+            if d.span is not None:
+                d.span.set_attribute("inferplane.stream.outcome", kind or "scored")
+                if kind is not None:
+                    tracing.fail(d.span, f"dead-lettered ({kind})")
+                d.span.end()
