@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -12,15 +14,19 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import orjson
 import pytest
 import tritonclient.grpc as grpcclient
 
+from tests.integration.brokers import RedisServer
 from tests.integration.otlp import Receiver, Span, by_name, otlp  # noqa: F401 - fixture
-from tests.integration.servers import ServerProcess, start_server
+from tests.integration.servers import ROOT, ServerProcess, start_server
+from tests.integration.streaming.harness import redis_fill, redis_read, run_until, unique
+from tests.integration.streaming.harness import rows as stream_rows
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
 CALLER_SPAN = "00f067aa0ba902b7"
-SERVER = 2  # SpanKind.SERVER in the protocol's numbering
+SERVER, CONSUMER = 2, 5  # SpanKind in the protocol's numbering
 ROWS = np.random.default_rng(0).random((2, 32), dtype=np.float32)
 
 MIRROR = """
@@ -261,3 +267,101 @@ def _audit_trace_id(srv: ServerProcess, request_id: str, timeout: float = 10.0) 
                 return row[0]  # type: ignore[no-any-return]
         time.sleep(0.1)
     raise AssertionError(f"no audit record for {request_id} in {srv.audit_db}")
+
+
+def test_stream_events_continue_their_producers_traces_into_the_output(
+    example_build: tuple[Path, Path],
+    redis_server: RedisServer,
+    tmp_path: Path,
+    otlp: Receiver,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """consume -> predict -> produce: each event's span is a child of the producer's span (the
+    Redis `traceparent` field) and the output entry names that span as its parent."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    client, base = redis_server.client(), unique("traced")
+    producers = [f"{i + 1:016x}" for i in range(6)]
+    entries: list[dict[str, object]] = [
+        {"data": orjson.dumps({"id": f"ev-{i}", "features": row}),
+         "traceparent": f"00-{TRACE}-{producers[i]}-01"}
+        for i, row in enumerate(stream_rows(6, seed=3))
+    ]  # fmt: skip
+    entries.append({"data": b"{poison", "traceparent": f"00-{TRACE}-{'f' * 16}-01"})
+    args = [
+        "--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
+        "--dlq", redis_server.url(f"{base}-dlq"), "--group", "g", "--service", "tabular",
+        "--repository", str(example_build[0]), "-m", "tabular", "--max-wait-ms", "50",
+        "--otlp-endpoint", otlp.http_endpoint, "--trace-sample", "0",
+    ]  # fmt: skip
+    redis_fill(client, f"{base}-in", entries)
+    run_until(
+        args, tmp_path, lambda: client.xlen(f"{base}-out") == 6 and client.xlen(f"{base}-dlq") == 1,
+        60, "6 scored events and 1 dead letter",
+    )  # fmt: skip
+    spans = otlp.wait_for(
+        lambda ss: len(by_name(ss, "process ")) == 6 and bool(by_name(ss, "predict"))
+    )
+    events = {s.parent: s for s in by_name(spans, "process ")}
+    assert set(events) == set(producers)  # the undecodable event is not scored, so no span
+    for s in events.values():
+        assert s.trace_id == TRACE and s.kind == CONSUMER
+        assert s.attributes["messaging.system"] == "redis"
+        assert s.attributes["inferplane.stream.outcome"] == "scored"
+    outputs = {
+        o["id"]: o for _, f in redis_read(client, f"{base}-out") for o in [orjson.loads(f["data"])]
+    }
+    for i, producer in enumerate(producers):
+        assert outputs[f"ev-{i}"]["traceparent"] == f"00-{TRACE}-{events[producer].span_id}-01"
+    # one predictor call per chunk, under the first event and linked to every event in it
+    predict = by_name(spans, "predict tabular")
+    linked = {sid for p in predict for _, sid in p.links}
+    assert linked == {s.span_id for s in events.values()}
+    for p in predict:
+        [route] = _children(spans, p)
+        assert route.name == "route tabular"
+
+
+def test_batch_job_and_fragment_spans_from_worker_processes(
+    example_build: tuple[Path, Path],
+    tmp_path: Path,
+    otlp: Receiver,  # noqa: F811
+) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "in"
+    src.mkdir()
+    x = np.random.default_rng(5).standard_normal((300, 32), dtype=np.float32)
+    for f in range(3):
+        part = x[f * 100 : (f + 1) * 100]
+        pq.write_table(
+            pa.table({"customer_id": np.arange(f * 100, (f + 1) * 100),
+                      "input": pa.FixedSizeListArray.from_arrays(pa.array(part.ravel()), 32)}),
+            src / f"part-{f}.parquet",
+        )  # fmt: skip
+    env = {**os.environ, "OTEL_BSP_SCHEDULE_DELAY": "100",
+           "TRACEPARENT": f"00-{TRACE}-{CALLER_SPAN}-01"}  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "inferplane", "batch", "-i", str(src), "-o", str(tmp_path / "out"),
+         "-s", "tabular", "-r", str(example_build[0]), "--id-column", "customer_id",
+         "--workers", "2", "--otlp-endpoint", otlp.http_endpoint],
+        capture_output=True, text=True, timeout=180, env=env, cwd=ROOT,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    spans = otlp.wait_for(
+        lambda ss: len(by_name(ss, "fragment ")) == 3 and bool(by_name(ss, "batch "))
+    )
+    [job] = by_name(spans, "batch tabular")
+    assert job.trace_id == TRACE and job.parent == CALLER_SPAN
+    assert job.attributes["inferplane.batch.rows"] == 300
+    assert job.attributes["inferplane.batch.fragments_scored"] == 3
+    fragments = by_name(spans, "fragment ")
+    assert {f.attributes["inferplane.batch.input"] for f in fragments} == {
+        f"part-{i}.parquet" for i in range(3)
+    }
+    for f in fragments:
+        assert f.parent == job.span_id and f.trace_id == TRACE
+        assert f.attributes["inferplane.batch.rows_in"] == 100
+        assert f.attributes["inferplane.batch.rows_errored"] == 0
+        assert f.attributes["inferplane.batch.output_bytes"] > 0
+        assert f.attributes["inferplane.batch.input_bytes"] > 0
