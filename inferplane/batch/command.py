@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import nullcontext
 from typing import Annotated
 
 import typer
@@ -118,6 +119,16 @@ def batch_command(
     ] = 10.0,
     otlp_endpoint: OtlpEndpointOpt = None,
     trace_sample: TraceSampleOpt = None,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            help="Serve the job's Prometheus metrics (rows, files, start time) on this port "
+            "while it runs; 0: off.",
+            min=0,
+            max=65535,
+        ),
+    ] = 0,
+    metrics_host: Annotated[str, typer.Option(help="Address for the metrics port.")] = "127.0.0.1",
 ) -> None:
     """Score a table with a model. Exit codes: 0 done, 1 job failed (e.g. too many bad rows),
     2 usage or configuration error, 3 model or storage unavailable (retry later)."""
@@ -155,10 +166,30 @@ def batch_command(
             otlp_endpoint, 1.0 if trace_sample is None else trace_sample, "inferplane-batch"
         ),
     )
+    metrics = None
+    if metrics_port:
+        from inferplane.batch.progress import BatchMetrics
+
+        metrics = BatchMetrics(job=job_id, target=service, engine=engine)
+        try:
+            metrics.serve(metrics_port, metrics_host)
+        except OSError as exc:
+            _err.print(
+                f"[red]error:[/red] cannot serve metrics on {escape(metrics_host)}:"
+                f"{metrics_port}: {escape(str(exc))}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            raise typer.Exit(EXIT_USAGE) from None
+
+    def log(line: str) -> None:
+        if metrics is not None:
+            metrics.log_line(line)
+        _err.print(line, highlight=False, soft_wrap=True)
+
     try:
-        result = run_job(
-            options, log=lambda line: _err.print(line, highlight=False, soft_wrap=True)
-        )
+        with metrics.watch() if metrics is not None else nullcontext():
+            result = run_job(options, log=log)
     except InferplaneError as exc:
         # Printed here rather than by the CLI's generic handler: the message is escaped (an
         # install hint such as 'inferplane[batch]' is not rich markup) and JobFailed keeps its
@@ -173,6 +204,9 @@ def batch_command(
             soft_wrap=True,
         )
         raise typer.Exit(130) from None
+    finally:
+        if metrics is not None:
+            metrics.close()
     manifest = result.manifest
     rows = manifest.get("rows", {})
     if result.already_complete:
