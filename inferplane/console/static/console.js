@@ -5,7 +5,7 @@
 (() => {
   const POLL_MS = 2000;
   const WINDOW_S = 60; // latency plots and live splits: the last minute of counters
-  const AUDIT_LIMIT = 20;
+  const AUDIT_LIMIT = 15;
   const CREDENTIAL = "inferplane.console.credential";
   const STREAM_METRICS = [
     "inferplane_stream_consumer_lag",
@@ -150,7 +150,7 @@
       }
     }
     history.push({ t: now, flat });
-    while (history.length > 2 && history[1].t <= now - WINDOW_S) history.shift();
+    while (history.length > 2 && history[1].t <= now - WINDOW_S * 1000) history.shift();
   }
   function baseline() {
     return history.length > 1 ? history[0] : null;
@@ -531,7 +531,7 @@
     $("audit-sink").textContent = `${doc.sink} · ${count(doc.written)} written${doc.dropped ? ` · ${count(doc.dropped)} dropped` : ""}`;
     const wanted = auditQuery && auditQuery.request_id;
     note("audit-note", auditQuery
-      ? `${doc.records.length} record${doc.records.length === 1 ? "" : "s"} match ${Object.entries(auditQuery).filter(([, v]) => v).map(([k, v]) => `${k}=${v}`).join(", ")}`
+      ? `${doc.records.length} record${doc.records.length === 1 ? " matches" : "s match"} ${Object.entries(auditQuery).filter(([, v]) => v).map(([k, v]) => `${k}=${v}`).join(", ")}`
       : "");
     const rows = doc.records.map((r) => h("tr", {
       "data-request-id": r.request_id,
@@ -545,7 +545,7 @@
     td("version", r.version || "–", "mono", "version"),
     td("route", r.route, null, "route"),
     td("latency", `${r.latency_ms.toFixed(2)} ms`, "num", "latency"),
-    td("status", String(r.status), "num status", "status"),
+    td("status", String(r.status), "num code", "status"),
     td("tenant", r.tenant || r.principal || "–", null, "tenant"),
     ));
     if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 9, class: "empty" }, auditQuery ? "no audit record matches" : "no audit records yet")));
@@ -577,9 +577,11 @@
     if (!err.status) return `No answer from the server (${path}).`;
     return `${path}: ${err.status} ${err.message}`;
   }
-  function showAuth(errors) {
-    const unauth = errors.find((e) => e && e.status === 401);
-    const forbidden = errors.filter((e) => e && e.status === 403);
+  // `outcomes`: the error of each data request of this poll, null where it succeeded
+  function showAuth(outcomes) {
+    const errors = outcomes.filter(Boolean);
+    const unauth = errors.find((e) => e.status === 401);
+    const forbidden = errors.filter((e) => e.status === 403);
     const bar = $("auth");
     const has = Boolean(credential() || memoryCredential);
     $("auth-toggle").hidden = !(has || unauth || forbidden.length);
@@ -588,7 +590,7 @@
         ? `The credential was refused (${unauth.message}). Paste another API key or bearer token.`
         : "This server needs a credential: paste an API key or bearer token.";
       bar.hidden = false;
-    } else if (forbidden.length === errors.length && errors.length) {
+    } else if (forbidden.length && forbidden.length === outcomes.length) {
       $("auth-message").textContent = `This credential may not read this server (${forbidden[0].message}). Paste another one.`;
       bar.hidden = false;
     } else if (!bar.dataset.opened) {
@@ -626,8 +628,7 @@
       renderAudit(audit);
       renderStreams();
       const failed = [models, metrics, services, audit].filter((r) => r.status === "rejected").map((r) => r.reason);
-      showAuth([models, metrics, services].map((r) => (r.status === "rejected" ? r.reason : null)).filter(Boolean).concat(
-        audit.status === "rejected" && audit.reason.status === 401 ? [audit.reason] : []));
+      showAuth([models, metrics, services, audit].map((r) => (r.status === "rejected" ? r.reason : null)));
       const down = failed.length && failed.every((e) => !e.status);
       const time = new Date().toLocaleTimeString("en-GB", { hour12: false });
       if (down) setStatus("down", `server unreachable · retrying (${time})`);
