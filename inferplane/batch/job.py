@@ -328,7 +328,7 @@ def _run_job(
 
     def on_done(entry: dict[str, Any]) -> None:
         done[entry["input"]] = entry
-        progress.fragment_done()
+        progress.fragment_done(entry)
 
     before = len(done)
     try:

@@ -35,7 +35,9 @@ _FRAME = struct.Struct("!I")
 
 
 def otlp_exporter(settings: TraceSettings) -> Any:
-    """The SDK's OTLP span exporter for `settings` (http/protobuf unless grpc is asked)."""
+    """The SDK's OTLP span exporter for `settings` (http/protobuf unless grpc is asked), taught
+    to send an `ExportTraceServiceRequest` built by `Encoder` as it is: the SDK's own encoding
+    from ReadableSpans cost 33 us per span, building the message directly 13 (measured)."""
     protocol = (settings.protocol or "http/protobuf").lower()
     if protocol not in PROTOCOLS:
         raise ValueError(
@@ -45,10 +47,26 @@ def otlp_exporter(settings: TraceSettings) -> Any:
     if protocol == "grpc":
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
-        return OTLPSpanExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
+        class GrpcExporter(OTLPSpanExporter):
+            prebuilt = hasattr(OTLPSpanExporter, "_translate_data")
+
+            def _translate_data(self, data: Any) -> Any:
+                if isinstance(data, _request_type()):
+                    return data
+                return super()._translate_data(data)
+
+        return GrpcExporter(endpoint=endpoint, insecure=not endpoint.startswith("https://"))
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import (
-        OTLPSpanExporter as HttpExporter,
+        OTLPSpanExporter as HttpBase,
     )
+
+    class HttpExporter(HttpBase):
+        prebuilt = hasattr(HttpBase, "_serialize_spans")
+
+        def _serialize_spans(self, spans: Any) -> bytes:
+            if isinstance(spans, _request_type()):
+                return bytes(spans.SerializePartialToString())
+            return bytes(super()._serialize_spans(spans))
 
     # The variables' convention: a base URL gets the signal's path; a full one is kept.
     if not endpoint.rstrip("/").endswith("/v1/traces"):
@@ -56,23 +74,96 @@ def otlp_exporter(settings: TraceSettings) -> Any:
     return HttpExporter(endpoint=endpoint)
 
 
-class Converter:
-    """Span tuples (tracing.Span.end) to the SDK's ReadableSpan."""
+def _request_type() -> Any:
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    return ExportTraceServiceRequest
+
+
+def _resource(settings: TraceSettings) -> Any:
+    from opentelemetry.sdk.resources import Resource
+
+    # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES name the service when set; ours is only the
+    # default (Resource.create lets given attributes win over the variables).
+    named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
+        "OTEL_RESOURCE_ATTRIBUTES", ""
+    )
+    return Resource.create({} if named else {"service.name": settings.service_name})
+
+
+class Encoder:
+    """Span tuples (tracing.Span.end) straight to one OTLP ExportTraceServiceRequest."""
 
     def __init__(self, settings: TraceSettings) -> None:
-        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.proto.common.v1 import common_pb2
+        from opentelemetry.proto.resource.v1 import resource_pb2
+        from opentelemetry.proto.trace.v1 import trace_pb2
+
+        from inferplane import __version__
+
+        self._pb, self._common = trace_pb2, common_pb2
+        resource = _resource(settings)
+        self.resource = resource_pb2.Resource(
+            attributes=[self._kv(k, v) for k, v in resource.attributes.items()]
+        )
+        self.scope = common_pb2.InstrumentationScope(name="inferplane", version=__version__)
+
+    def _kv(self, key: str, value: Any) -> Any:
+        c = self._common
+        if isinstance(value, bool):
+            v = c.AnyValue(bool_value=value)
+        elif isinstance(value, int):
+            v = c.AnyValue(int_value=value)
+        elif isinstance(value, float):
+            v = c.AnyValue(double_value=value)
+        else:
+            v = c.AnyValue(string_value=str(value))
+        return c.KeyValue(key=key, value=v)
+
+    def request(self, records: Sequence[tuple[Any, ...]]) -> Any:
+        pb, kv = self._pb, self._kv
+        span, link, status_error = pb.Span, pb.Span.Link, pb.Status.STATUS_CODE_ERROR
+        spans = []
+        for name, trace_id, span_id, parent_id, kind, start, end, attrs, links, status in records:
+            spans.append(
+                span(
+                    trace_id=trace_id.to_bytes(16, "big"),
+                    span_id=span_id.to_bytes(8, "big"),
+                    parent_span_id=parent_id.to_bytes(8, "big") if parent_id else b"",
+                    name=name,
+                    kind=kind + 1,  # the protocol counts from UNSPECIFIED = 0
+                    start_time_unix_nano=start,
+                    end_time_unix_nano=end,
+                    attributes=[kv(k, v) for k, v in attrs.items()],
+                    links=[
+                        link(trace_id=t.to_bytes(16, "big"), span_id=s.to_bytes(8, "big"))
+                        for t, s in links
+                    ],
+                    status=None if status is None else pb.Status(code=status_error, message=status),
+                )
+            )
+        return _request_type()(
+            resource_spans=[
+                pb.ResourceSpans(
+                    resource=self.resource,
+                    scope_spans=[pb.ScopeSpans(scope=self.scope, spans=spans)],
+                )
+            ]
+        )
+
+
+class Converter:
+    """Span tuples (tracing.Span.end) to the SDK's ReadableSpan: for exporters given by the
+    caller (LocalSink), and should an SDK release drop the hooks `otlp_exporter` uses."""
+
+    def __init__(self, settings: TraceSettings) -> None:
         from opentelemetry.sdk.trace import ReadableSpan
         from opentelemetry.sdk.util.instrumentation import InstrumentationScope
         from opentelemetry.trace import Link, SpanContext, SpanKind, Status, StatusCode, TraceFlags
 
         from inferplane import __version__
 
-        # OTEL_SERVICE_NAME / OTEL_RESOURCE_ATTRIBUTES name the service when set; ours is only
-        # the default (Resource.create lets given attributes win over the variables).
-        named = os.environ.get("OTEL_SERVICE_NAME") or "service.name=" in os.environ.get(
-            "OTEL_RESOURCE_ATTRIBUTES", ""
-        )
-        self.resource = Resource.create({} if named else {"service.name": settings.service_name})
+        self.resource = _resource(settings)
         self.scope = InstrumentationScope("inferplane", __version__)
         self._ReadableSpan, self._Link, self._SpanContext = ReadableSpan, Link, SpanContext
         self._kinds = list(SpanKind)
@@ -178,11 +269,18 @@ def main(argv: Sequence[str]) -> int:
     # group must not lose the spans the parent flushes as it stops.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Exporting is background work: where CPU is short, requests go first.
+    with contextlib.suppress(OSError):
+        os.nice(10)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s trace exporter: %(message)s")
     config = json.loads(argv[0])
     settings = TraceSettings(config["endpoint"], None, config["protocol"], config["service_name"])
     exporter = otlp_exporter(settings)
-    converter = Converter(settings)
+    encode = (
+        Encoder(settings).request
+        if getattr(exporter, "prebuilt", False)
+        else Converter(settings).spans
+    )
     stdin = sys.stdin.buffer
     failed, last_said = 0, -1e9
     try:
@@ -192,7 +290,7 @@ def main(argv: Sequence[str]) -> int:
                 break
             records = pickle.loads(body)
             try:
-                exporter.export(converter.spans(records))
+                exporter.export(encode(records))
             except Exception as exc:  # a dead collector: say so now and then, keep reading
                 failed += len(records)
                 if time.monotonic() - last_said > 10:
