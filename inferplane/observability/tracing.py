@@ -29,7 +29,7 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,7 +42,7 @@ _ZERO_SPAN = "0" * 16
 DEFAULT_SAMPLE = 0.1
 PROTOCOLS = ("http/protobuf", "grpc")
 
-Attributes = Mapping[str, str | int | float | bool]
+Attributes = dict[str, str | int | float | bool]  # handed over: the span keeps the dict
 
 ACTIVE: Tracing | None = None  # the process's tracing; None: off
 
@@ -172,7 +172,8 @@ class Span:
     ) -> None:
         self.recorder, self.name, self.kind = recorder, name, kind
         self.trace_id, self.span_id, self.parent_id = trace_id, span_id, parent_id
-        self.attributes: dict[str, Any] = dict(attributes) if attributes else {}
+        # Callers hand a fresh dict (a literal at each call site): kept, not copied.
+        self.attributes: dict[str, Any] = {} if attributes is None else attributes
         self.links = links
         self.start_ns = time.time_ns() if start_ns is None else start_ns
         self.status: str | None = None  # an error's description; None: unset
@@ -197,7 +198,7 @@ class Span:
                 self.start_ns,
                 time.time_ns() if end_time is None else end_time,
                 self.attributes,
-                [(c.trace_id, c.span_id) for c in self.links],
+                [(c.trace_id, c.span_id) for c in self.links] if self.links else (),
                 self.status,
             )
         )
