@@ -13,7 +13,7 @@ GRPC_PORT ?= 8081
 PYTEST_ARGS ?=
 
 .PHONY: setup system-deps models run test lint typecheck pytest bench bench-serving bench-traffic \
-	bench-stream bench-batch bench-fleet bench-fleet-lb fuzz clean
+	bench-stream bench-batch bench-fleet bench-fleet-lb bench-trace fuzz clean
 
 $(STAMP): pyproject.toml scripts/venv.sh scripts/constraints.txt
 	./scripts/venv.sh dev
@@ -47,11 +47,11 @@ pytest: setup system-deps
 test: lint typecheck pytest
 
 # make bench [FAST=1] [BENCH_ARGS="--models tabular --with-triton ..."]; see benchmarks/README.md
-# Each part also runs alone: make bench-serving | bench-traffic | bench-stream | bench-batch |
+# Each part also runs alone: make bench-serving | bench-traffic | bench-trace | bench-stream | bench-batch |
 # bench-fleet [FLEET_ARGS="--models 300 --seconds 30 --no-mlserver ..."]
 BENCH_ARGS ?=
 FLEET_ARGS ?=
-bench: bench-serving bench-traffic bench-stream bench-batch bench-fleet bench-fleet-lb
+bench: bench-serving bench-traffic bench-trace bench-stream bench-batch bench-fleet bench-fleet-lb
 
 bench-serving: setup system-deps
 	$(PY) benchmarks/run.py $(if $(filter 1,$(FAST)),--fast) $(BENCH_ARGS)
@@ -70,6 +70,10 @@ bench-batch: setup
 
 bench-fleet: setup
 	$(PY) benchmarks/fleet_bench.py $(if $(filter 1,$(FAST)),--fast) $(FLEET_ARGS)
+
+# bench-trace: throughput with tracing off / 10% / 100% sampled, in one run (docs/observability.md)
+bench-trace: models system-deps
+	$(PY) benchmarks/trace_overhead.py $(if $(filter 1,$(FAST)),--seconds 6 --rounds 2)
 
 # bench-fleet-lb: 3 replicas behind HAProxy vs 1 direct, and a 60 s rolling restart (FAST=1: short)
 bench-fleet-lb: setup system-deps
