@@ -21,7 +21,15 @@ import tritonclient.grpc as grpcclient
 from tests.integration.brokers import RedisServer
 from tests.integration.otlp import Receiver, Span, by_name, otlp  # noqa: F401 - fixture
 from tests.integration.servers import ROOT, ServerProcess, start_server
-from tests.integration.streaming.harness import redis_fill, redis_read, run_until, unique
+from tests.integration.streaming.harness import (
+    KafkaTail,
+    Tansu,
+    kafka_produce,
+    redis_fill,
+    redis_read,
+    run_until,
+    unique,
+)
 from tests.integration.streaming.harness import rows as stream_rows
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -365,3 +373,44 @@ def test_batch_job_and_fragment_spans_from_worker_processes(
         assert f.attributes["inferplane.batch.rows_errored"] == 0
         assert f.attributes["inferplane.batch.output_bytes"] > 0
         assert f.attributes["inferplane.batch.input_bytes"] > 0
+
+
+def test_kafka_events_continue_their_traces_from_headers_into_output_headers(
+    example_build: tuple[Path, Path],
+    tansu: Tansu,
+    tmp_path: Path,
+    otlp: Receiver,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    base = unique("traced-kafka")
+    tansu.create_topics(f"{base}-in", f"{base}-out", f"{base}-dlq")
+    producers = [f"{i + 1:016x}" for i in range(5)]
+    kafka_produce(
+        tansu.bootstrap, f"{base}-in",
+        [(b"k", orjson.dumps({"id": f"ev-{i}", "features": row}),
+          [("traceparent", f"00-{TRACE}-{producers[i]}-01".encode())])
+         for i, row in enumerate(stream_rows(5, seed=4))],
+    )  # fmt: skip
+    tail = KafkaTail(tansu.bootstrap, f"{base}-out")
+    try:
+        run_until(
+            ["--source", tansu.url(f"{base}-in", **{"session.timeout.ms": "6000",
+                                                   "heartbeat.interval.ms": "500"}),
+             "--sink", tansu.url(f"{base}-out"), "--dlq", tansu.url(f"{base}-dlq"),
+             "--group", "g", "--service", "tabular", "--repository", str(example_build[0]),
+             "-m", "tabular", "--max-wait-ms", "50", "--otlp-endpoint", otlp.http_endpoint],
+            tmp_path, lambda: tail.poll() >= 5, 90, "5 outputs",
+        )  # fmt: skip
+        outputs = tail.read(5, 5)
+    finally:
+        tail.close()
+    spans = otlp.wait_for(lambda ss: len(by_name(ss, "process ")) == 5)
+    events = {s.parent: s for s in by_name(spans, "process ")}
+    assert set(events) == set(producers)
+    assert {s.attributes["messaging.system"] for s in events.values()} == {"kafka"}
+    for msg in outputs:
+        doc = orjson.loads(msg.value())
+        header = dict(msg.headers())["traceparent"].decode()
+        [event] = [s for s in events.values() if s.attributes["inferplane.event_id"] == doc["id"]]
+        assert header == doc["traceparent"] == f"00-{TRACE}-{event.span_id}-01"
