@@ -25,6 +25,7 @@ from inferplane.errors import (
     PayloadTooLarge,
     Unavailable,
 )
+from inferplane.observability.tracing import traceparent_of
 from inferplane.predictor import Prediction, RequestContext, Signature
 from inferplane.protocols.v2_codec import HEADER_LENGTH as _HEADER_LENGTH
 from inferplane.protocols.v2_codec import TENANT_HEADER as _TENANT_HEADER
@@ -113,7 +114,9 @@ class RemotePredictor:
         }
         if context.tenant:
             headers[TENANT_HEADER] = context.tenant
-        if context.traceparent:
+        if context.span is not None:  # a traced stream event or job: the server continues it
+            headers["traceparent"] = traceparent_of(context.span)
+        elif context.traceparent:
             headers["traceparent"] = context.traceparent
         headers.update(context.headers)
         if context.deadline is not None:

@@ -17,7 +17,8 @@ from inferplane.edge.access import INFER, READ
 from inferplane.edge.quotas import NO_LEASE
 from inferplane.engine.manager import State
 from inferplane.engine.scheduler import batch_rows
-from inferplane.errors import BadRequest, NotFound
+from inferplane.errors import BadRequest, InferplaneError, NotFound
+from inferplane.observability import tracing
 from inferplane.predictor import RequestContext
 from inferplane.protocols.deps import ServingDeps
 from inferplane.protocols.v2_codec import TENANT_HEADER, loads
@@ -84,6 +85,40 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         if "/versions/" in name:
             name, version = name.split("/versions/", 1)
         tenant = request.headers.get(TENANT_HEADER.decode())
+        traceparent = request.headers.get("traceparent")
+        tracer = tracing.ACTIVE
+        span = None
+        if tracer is not None:
+            span = tracer.start_request(
+                "POST /v1/models/{model}:predict",
+                traceparent,
+                {
+                    "http.request.method": "POST",
+                    "http.route": "/v1/models/{model}:predict",
+                    "inferplane.target": name,
+                },
+            )
+        status, error = 500, None
+        try:
+            response = await _predict(request, name, version, tenant, traceparent, span)
+            status = 200
+            return response
+        except InferplaneError as exc:
+            status, error = exc.status, exc.message
+            raise
+        finally:
+            if span is not None:
+                span.set_attribute("http.response.status_code", status)
+                tracing.end_request(span, status, "", "", None, error)
+
+    async def _predict(
+        request: Request,
+        name: str,
+        version: str | None,
+        tenant: str | None,
+        traceparent: str | None,
+        span: Any,
+    ) -> Response:
         principal = await require(deps, request, INFER, name)
         lease = NO_LEASE
         try:
@@ -104,6 +139,8 @@ def build_routes(deps: ServingDeps) -> list[Route]:
                     tenant=tenant,
                     principal=principal.name if principal is not None else None,
                     headers=dict(request.headers),
+                    traceparent=traceparent,
+                    span=span,
                 ),
             )
         finally:

@@ -414,3 +414,53 @@ def test_kafka_events_continue_their_traces_from_headers_into_output_headers(
         header = dict(msg.headers())["traceparent"].decode()
         [event] = [s for s in events.values() if s.attributes["inferplane.event_id"] == doc["id"]]
         assert header == doc["traceparent"] == f"00-{TRACE}-{event.span_id}-01"
+
+
+def test_v1_predict_is_traced_too(
+    traced: ServerProcess,
+    otlp: Receiver,  # noqa: F811
+) -> None:
+    r = httpx.post(
+        f"{traced.url}/v1/models/tabular:predict",
+        json={"instances": ROWS.tolist()},
+        headers={"traceparent": f"00-{TRACE}-{CALLER_SPAN}-01"},
+    )
+    assert r.status_code == 200, r.text
+    spans = otlp.wait_for(lambda ss: any(s.name == "queue" and s.trace_id == TRACE for s in ss))
+    server = _one([s for s in spans if s.trace_id == TRACE and s.kind == SERVER])
+    assert server.name == "POST /v1/models/{model}:predict" and server.parent == CALLER_SPAN
+    assert server.attributes["http.response.status_code"] == 200
+    assert [s.name for s in _children(spans, server)] == ["route tabular"]
+
+
+def test_a_stream_worker_scoring_through_a_server_continues_its_trace_there(
+    traced: ServerProcess,
+    redis_server: RedisServer,
+    tmp_path: Path,
+    otlp: Receiver,  # noqa: F811
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Model-as-a-service: the worker's predict span is the parent of the server's span."""
+    monkeypatch.setenv("OTEL_BSP_SCHEDULE_DELAY", "100")
+    monkeypatch.delenv("OTEL_SERVICE_NAME")  # the server's; the worker names itself
+    client, base = redis_server.client(), unique("remote")
+    redis_fill(client, f"{base}-in", [
+        {"data": orjson.dumps({"id": "r-1", "features": stream_rows(1, seed=8)[0]}),
+         "traceparent": f"00-{TRACE}-{'a' * 16}-01"},
+    ])  # fmt: skip
+    run_until(
+        ["--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
+         "--dlq", redis_server.url(f"{base}-dlq"), "--group", "g", "--service", "tabular",
+         "--server", traced.url, "--max-wait-ms", "20", "--otlp-endpoint", otlp.http_endpoint],
+        tmp_path, lambda: client.xlen(f"{base}-out") == 1, 60, "1 scored event",
+    )  # fmt: skip
+    spans = otlp.wait_for(
+        lambda ss: (
+            any(s.kind == SERVER and s.trace_id == TRACE for s in ss)
+            and bool(by_name(ss, "predict tabular"))
+        )
+    )
+    [predict] = by_name(spans, "predict tabular")
+    server = _one([s for s in spans if s.trace_id == TRACE and s.kind == SERVER])
+    assert server.parent == predict.span_id
+    assert predict.service == "inferplane-stream" and server.service == "inferplane-test"
