@@ -87,6 +87,7 @@ def query(
     model: str | None = None,
     status: int | None = None,
     principal: str | None = None,
+    trace_id: str | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
     """The latest `limit` matching records of a sink, oldest first (SQLite, JSONL or Parquet)."""
@@ -100,6 +101,7 @@ def query(
         model=model,
         status=status,
         principal=principal,
+        trace_id=trace_id,
         limit=limit,
     )
 

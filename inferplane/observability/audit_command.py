@@ -63,6 +63,9 @@ def audit_command(
     principal: Annotated[
         str | None, typer.Option(help="Only requests of this authenticated caller.")
     ] = None,
+    trace_id: Annotated[
+        str | None, typer.Option(help="Only requests of this W3C trace (32 hex digits).")
+    ] = None,
     limit: Annotated[int, typer.Option(help="Print at most the latest N records.")] = 100,
     json_lines: Annotated[
         bool, typer.Option("--json", help="One JSON object per line instead of a table.")
@@ -83,6 +86,7 @@ def audit_command(
             model=model,
             status=status,
             principal=principal,
+            trace_id=trace_id,
             limit=limit,
         )
     except NotFound as exc:

@@ -265,6 +265,7 @@ class _Filter:
     model: str | None
     status: int | None
     principal: str | None
+    trace_id: str | None = None
 
     def matches(self, rec: dict[str, Any]) -> bool:
         return (
@@ -274,6 +275,7 @@ class _Filter:
             and (self.model is None or rec.get("model") == self.model)
             and (self.status is None or rec.get("status") == self.status)
             and (self.principal is None or rec.get("principal") == self.principal)
+            and (self.trace_id is None or rec.get("trace_id") == self.trace_id)
         )
 
 
@@ -286,6 +288,7 @@ def query(
     model: str | None = None,
     status: int | None = None,
     principal: str | None = None,
+    trace_id: str | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
     if limit < 1:
@@ -299,6 +302,7 @@ def query(
         model=model,
         status=status,
         principal=principal,
+        trace_id=trace_id.lower() if trace_id else None,
     )
     kind, path = parse_spec(spec_or_path)
     if kind == "kafka":
@@ -349,6 +353,7 @@ def _query_sqlite(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
                 ("model", flt.model, "="),
                 ("status", flt.status, "="),
                 ("principal", flt.principal, "="),
+                ("trace_id", flt.trace_id, "="),
             ):
                 if value is not None:
                     clauses.append(f"{column if column in present else 'NULL'} {op} ?")
@@ -435,6 +440,7 @@ def _query_parquet(path: str, flt: _Filter, limit: int) -> list[AuditRecord]:
             ("model", flt.model),
             ("status", flt.status),
             ("principal", flt.principal),
+            ("trace_id", flt.trace_id),
             ("time", flt.since),
         ):
             if value is None:

@@ -243,6 +243,14 @@ def test_sampling_follows_the_caller_and_otlp_grpc_exports(
         assert _audit_trace_id(srv, "sampled") == TRACE
         assert _audit_trace_id(srv, "unsampled") == unsampled
         assert _audit_trace_id(srv, "plain-0") is None
+        found = subprocess.run(
+            [sys.executable, "-m", "inferplane", "audit", "--sink", str(srv.audit_db),
+             "--trace-id", TRACE.upper(), "--json"],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        )  # fmt: skip
+        assert [orjson.loads(line)["request_id"] for line in found.stdout.splitlines()] == [
+            "sampled"
+        ]
     finally:
         srv.stop()
 
