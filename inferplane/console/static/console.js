@@ -536,7 +536,8 @@
     const rows = doc.records.map((r) => h("tr", {
       "data-request-id": r.request_id,
       class: [r.status >= 400 ? "failed" : "", wanted && r.request_id === wanted ? "hit" : ""].join(" ").trim() || null,
-      title: r.error || undefined,
+      // The trace a record belongs to, to look it up in Jaeger/Tempo (docs/observability.md).
+      title: [r.error, r.trace_id && `trace ${r.trace_id}`].filter(Boolean).join("\n") || undefined,
     },
     td("time", r.time_iso.replace("T", " ").replace("Z", ""), "mono", "time"),
     td("request id", r.request_id, "mono", "request_id"),
