@@ -510,6 +510,7 @@ class ModelManager:
         lv.state, lv.reason, lv.retry_at = State.FAILED, reason, time.monotonic() + wait
         lv.load_task = None
         self.metrics.model_ready.labels(lv.name, lv.version).set(0)
+        self.metrics.model_load_failures.labels(lv.name, lv.version).inc()
         log.error(
             "model %s version %s failed to load: %s (a request retries it after %.0f s)",
             lv.name,

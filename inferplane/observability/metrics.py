@@ -89,6 +89,13 @@ class Metrics:
             ["model", "version", "reason"],
             registry=r,
         )
+        self.model_load_failures = Counter(
+            "inferplane_model_load_failures_total",
+            "Failed loads of a model version (fetch, sha256, runtime load, warm-up or memory "
+            "budget); the server log names each reason.",
+            ["model", "version"],
+            registry=r,
+        )
         self.model_evictions = Counter(
             "inferplane_model_evictions_total",
             "Model versions unloaded by the server: memory (to fit another under the budget) or "

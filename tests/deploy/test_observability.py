@@ -192,7 +192,11 @@ def test_the_dashboard_has_the_panels_the_platform_team_reads() -> None:
         "Shadow divergence per service": ["inferplane:shadow_disagreeing_rows:ratio_rate5m"],
         "Resident models": ["inferplane_models_resident"],
         "Model memory against the budget": ["inferplane_resident_bytes", "inferplane_memory_budget_bytes"],
-        "Model loads and evictions": ["inferplane_model_loads_total", "inferplane_model_evictions_total"],
+        "Model loads, failures and evictions": [
+            "inferplane_model_loads_total",
+            "inferplane_model_load_failures_total",
+            "inferplane_model_evictions_total",
+        ],
         "In-flight requests and queue depth": ["inferplane_inflight_requests", "inferplane_queue_depth"],
         "Stream consumer lag": ["inferplane_stream_consumer_lag)", "inferplane_stream_consumer_lag_seconds",
                                 "inferplane_stream_end_to_end_lag_seconds_bucket"],

@@ -342,6 +342,11 @@ async def test_a_failed_load_backs_off_instead_of_looping(repo: Repository) -> N
         with pytest.raises(Unavailable, match="next try in"):
             await ask(predictor, 2)  # within the back-off: refused without loading
         assert lv.failures == 1 and not manager.servable(lv)
+        # one failed load, counted once (the refusal within the back-off is not a load)
+        failures = manager.metrics.registry.get_sample_value(
+            "inferplane_model_load_failures_total", {"model": "m2", "version": "1"}
+        )
+        assert failures == 1.0
         assert await ask(predictor, 1) == 1.0  # everyone else keeps serving
         await asyncio.sleep(0.35)
         with pytest.raises(Unavailable):
