@@ -17,6 +17,7 @@ benchmarks/results/.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import subprocess
 import sys
@@ -59,9 +60,11 @@ class Sink:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
 
-def serve(repo: Path, sample: str | None, sink: Sink) -> tuple[subprocess.Popen[bytes], int]:
+def serve(
+    repo: Path, sample: str | None, sink: Sink, cpus: str | None = None
+) -> tuple[subprocess.Popen[bytes], int]:
     port = host.free_port()
-    cmd = [
+    cmd = [*(["taskset", "-c", cpus] if cpus else []),
         str(VENV_BIN / "inferplane"), "serve", "--repository", str(repo), "--model", "tabular",
         "--http-port", str(port), "--grpc-port", "0", "--log-level", "warning",
         "--audit-sink", "none",
@@ -89,7 +92,15 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--repository", default=str(ROOT / "examples" / "models"))
+    ap.add_argument(
+        "--pin",
+        action="store_true",
+        help="the server (and its trace export process) on core 0, perf_analyzer on the others: "
+        "what tracing costs a server with one core of its own",
+    )
     a = ap.parse_args()
+    server_cpus = "0" if a.pin else None
+    client_cpus = f"1-{(os.cpu_count() or 2) - 1}" if a.pin else None
     repo = Path(a.repository)
     if not (repo / "tabular").exists():
         raise SystemExit(f"no example models in {repo}: run `make models` first")
@@ -97,11 +108,11 @@ def main() -> int:
     results: dict[str, list[tuple[float, float, float]]] = {k: [] for k in CONFIGS}
     for r in range(a.rounds):
         for name, sample in CONFIGS.items():
-            proc, port = serve(repo, sample, sink)
+            proc, port = serve(repo, sample, sink, server_cpus)
             before = sink.bytes
             try:
-                drive(port, "tabular", 2, a.concurrency)  # warm both ends
-                figures = drive(port, "tabular", a.seconds, a.concurrency)
+                drive(port, "tabular", 2, a.concurrency, cpus=client_cpus)  # warm both ends
+                figures = drive(port, "tabular", a.seconds, a.concurrency, cpus=client_cpus)
             finally:
                 proc.send_signal(signal.SIGINT)  # the quick stop: SIGTERM drains first
                 proc.wait(30)
@@ -112,7 +123,7 @@ def main() -> int:
                   f"{sent:.1f} MB of spans exported", flush=True)  # fmt: skip
     if not sink.requests:
         raise SystemExit("the traced servers exported nothing: tracing is not working")
-    report(results, "off", "trace-overhead", a)
+    report(results, "off", "trace-overhead-pinned" if a.pin else "trace-overhead", a)
     return 0
 
 

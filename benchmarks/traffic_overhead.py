@@ -92,10 +92,11 @@ def drive(
     concurrency: int,
     extra: tuple[str, ...] = (),
     url: str | None = None,
+    cpus: str | None = None,
 ) -> tuple[float, float, float]:
     """(infer/s, p50 ms, p99 ms); `extra` perf_analyzer options (headers, TLS), `url` instead of
-    plain HTTP on 127.0.0.1:port."""
-    cmd = [
+    plain HTTP on 127.0.0.1:port; `cpus`: run perf_analyzer on these cores only (taskset)."""
+    cmd = [*(["taskset", "-c", cpus] if cpus else []),
         str(VENV_BIN / "perf_analyzer"), "-m", model, "-u", url or f"127.0.0.1:{port}", "-i", "http",
         "--concurrency-range", f"{concurrency}:{concurrency}", "--input-tensor-format", "json",
         "--output-tensor-format", "json", "-a", "--percentile", "99",
