@@ -6,19 +6,13 @@ from typing import Annotated
 
 import typer
 
-from inferplane.observability.tracing import (
-    DEFAULT_PROTOCOL,
-    PROTOCOLS,
-    TraceSettings,
-    settings_from_env,
-)
+from inferplane.observability.tracing import PROTOCOLS, TraceSettings, settings_from_env
 
 OtlpEndpointOpt = Annotated[
     str | None,
     typer.Option(
-        help="Send OpenTelemetry traces to this OTLP endpoint (http://collector:4318, OTLP/HTTP "
-        "with JSON; OTEL_EXPORTER_OTLP_PROTOCOL=http/protobuf or grpc (host:4317) use the SDK's "
-        "exporters). Default: "
+        help="Send OpenTelemetry traces to this OTLP endpoint (http://collector:4318 for "
+        "http/protobuf; host:4317 with OTEL_EXPORTER_OTLP_PROTOCOL=grpc). Default: "
         "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT; none: tracing off. Needs inferplane[otel].",
     ),
 ]
@@ -49,7 +43,7 @@ def trace_settings(
             import opentelemetry.sdk.trace  # noqa: F401
         except ImportError:
             raise MissingExtra("opentelemetry-sdk", "otel") from None
-        protocol = (settings.protocol or DEFAULT_PROTOCOL).lower()
+        protocol = (settings.protocol or "http/protobuf").lower()
         if protocol not in PROTOCOLS:
             raise typer.BadParameter(
                 f"OTLP protocol '{settings.protocol}' is not supported; use "

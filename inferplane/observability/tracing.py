@@ -31,7 +31,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 log = logging.getLogger("inferplane.tracing")
 
@@ -40,15 +40,11 @@ _TRACEPARENT_RE = re.compile(r"^00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})$"
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 DEFAULT_SAMPLE = 0.1
-# http/json (the default) is encoded and sent in this process (otlp_json.py); http/protobuf and
-# grpc go through the OpenTelemetry SDK's exporters in a child process (span_export.py).
-PROTOCOLS = ("http/json", "http/protobuf", "grpc")
-DEFAULT_PROTOCOL = "http/json"
+PROTOCOLS = ("http/protobuf", "grpc")
 
 Attributes = dict[str, str | int | float | bool]  # handed over: the span keeps the dict
 
 ACTIVE: Tracing | None = None  # the process's tracing; None: off
-_NO_ATTRIBUTES: dict[str, Any] = {}  # shared by records without attributes; never written to
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +97,7 @@ _PERF_TO_EPOCH = time.time_ns() - time.perf_counter_ns()
 class TraceSettings:
     endpoint: str | None = None  # OTLP endpoint; None: from OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT
     sample: float | None = None  # share of root requests kept; None: OTEL_TRACES_SAMPLER_ARG or 0.1
-    protocol: str | None = None  # http/json | http/protobuf | grpc; None: the default (http/json)
+    protocol: str | None = None  # http/protobuf | grpc; None: OTEL_EXPORTER_OTLP_[TRACES_]PROTOCOL
     service_name: str = "inferplane"  # unless OTEL_SERVICE_NAME says otherwise
 
 
@@ -135,11 +131,13 @@ def settings_from_env(
     return TraceSettings(endpoint, sample, protocol, service_name)
 
 
-class Ctx(Protocol):
-    """What children and links refer to: a span (or anything with its two ids)."""
+class Ctx:
+    """A span's identity, what children and links refer to."""
 
-    trace_id: int
-    span_id: int
+    __slots__ = ("span_id", "trace_id")
+
+    def __init__(self, trace_id: int, span_id: int) -> None:
+        self.trace_id, self.span_id = trace_id, span_id
 
 
 class Span:
@@ -176,17 +174,15 @@ class Span:
         self.trace_id, self.span_id, self.parent_id = trace_id, span_id, parent_id
         # Callers hand a fresh dict (a literal at each call site): kept, not copied.
         self.attributes: dict[str, Any] = {} if attributes is None else attributes
-        # (trace id, span id) pairs, as they are exported
-        self.links = [(c.trace_id, c.span_id) for c in links] if links else ()
+        self.links = links
         self.start_ns = time.time_ns() if start_ns is None else start_ns
         self.status: str | None = None  # an error's description; None: unset
 
     def set_attribute(self, key: str, value: str | int | float | bool) -> None:
         self.attributes[key] = value
 
-    def get_span_context(self) -> Span:
-        """What children and links refer to: the span itself (trace_id, span_id), no copy."""
-        return self
+    def get_span_context(self) -> Ctx:
+        return Ctx(self.trace_id, self.span_id)
 
     def is_recording(self) -> bool:
         return True
@@ -202,7 +198,7 @@ class Span:
                 self.start_ns,
                 time.time_ns() if end_time is None else end_time,
                 self.attributes,
-                self.links,
+                [(c.trace_id, c.span_id) for c in self.links] if self.links else (),
                 self.status,
             )
         )
@@ -275,20 +271,13 @@ class Tracing:
             raise ValueError(f"the trace sample must be within [0, 1], got {sample}")
         self.sample = sample
         self.settings = settings
-        # `exporter`: an SDK SpanExporter used in this process (tests, embedders). Otherwise
-        # http/json is sent from this process; the SDK's protobuf exporters run in a child
-        # process fed through a pipe.
-        protocol = (settings.protocol or DEFAULT_PROTOCOL).lower()
-        sink: Any
-        if exporter is not None:
-            sink = span_export.LocalSink(settings, exporter)
-        elif protocol == "http/json":
-            from inferplane.observability.otlp_json import JsonSink
-
-            sink = JsonSink(settings, dict(span_export.resource_of(settings).attributes))
-        else:
-            sink = span_export.ChildSink(settings)
-        self.protocol = protocol
+        # `exporter`: an SDK SpanExporter used in this process (tests, embedders); by default
+        # the OTLP exporter runs in a child process fed through a pipe.
+        sink = (
+            span_export.LocalSink(settings, exporter)
+            if exporter is not None
+            else span_export.ChildSink(settings)
+        )
         self.recorder = Recorder(sink)
         self._random = random.Random()
 
@@ -389,64 +378,37 @@ class Tracing:
         error: str | None = None,
     ) -> None:
         """One batch execution after the fact (perf_counter ns): its span, linked to every
-        sampled request it served (`works`: (the request's infer span, enqueued ns)), the
-        runtime call under it, and each request's queue span linked back to it. Called from
-        the thread that ran the model, after the answers went out; the spans are written as
-        finished records at once (no span objects: this runs for every traced execution)."""
-        add, new_id, kind = self.recorder.add, self._id, self.INTERNAL
+        sampled request it served (`works`: (the request's infer span context, enqueued ns)),
+        the runtime call under it, and each request's queue span linked back to it. Called
+        from the thread that ran the model, after the answers went out."""
         ended = epoch_ns(time.perf_counter_ns())
+        contexts = [ctx for ctx, _ in works]
+        attrs: dict[str, str | int | float | bool] = {
+            "inferplane.model": model,
+            "inferplane.model_version": version,
+            "inferplane.batch.requests": len(works),
+            "inferplane.batch.rows": rows,
+        }
+        execution = self.child(
+            contexts[0],
+            f"execute {model}:{version}",
+            attrs,
+            links=contexts,
+            start_ns=epoch_ns(started_ns),
+        )
+        runtime_span = self.child(
+            execution, f"runtime {runtime}", start_ns=epoch_ns(infer_start_ns)
+        )
+        if error is not None:
+            fail(runtime_span, error)
+            fail(execution, error)
+        runtime_span.end(end_time=epoch_ns(infer_end_ns))
+        execution.end(end_time=ended)
+        link = [execution.get_span_context()]
         start = epoch_ns(started_ns)
-        first = works[0][0]
-        trace_id, execution_id = first.trace_id, new_id()
-        add(
-            (
-                f"execute {model}:{version}",
-                trace_id,
-                execution_id,
-                first.span_id,
-                kind,
-                start,
-                ended,
-                {
-                    "inferplane.model": model,
-                    "inferplane.model_version": version,
-                    "inferplane.batch.requests": len(works),
-                    "inferplane.batch.rows": rows,
-                },
-                [(ctx.trace_id, ctx.span_id) for ctx, _ in works],
-                error,
-            )
-        )
-        add(
-            (
-                f"runtime {runtime}",
-                trace_id,
-                new_id(),
-                execution_id,
-                kind,
-                epoch_ns(infer_start_ns),
-                epoch_ns(infer_end_ns),
-                _NO_ATTRIBUTES,
-                (),
-                error,
-            )
-        )
-        link = [(trace_id, execution_id)]
         for ctx, enqueued_ns in works:
-            add(
-                (
-                    "queue",
-                    ctx.trace_id,
-                    new_id(),
-                    ctx.span_id,
-                    kind,
-                    epoch_ns(enqueued_ns),
-                    start,
-                    _NO_ATTRIBUTES,
-                    link,
-                    None,
-                )
-            )
+            queue = self.child(ctx, "queue", links=link, start_ns=epoch_ns(enqueued_ns))
+            queue.end(end_time=start)
 
     def shutdown(self) -> None:
         """Export what is buffered and stop (at the end of serve, a stream worker or a job)."""
@@ -490,7 +452,7 @@ def configure(settings: TraceSettings | None, exporter: Any = None) -> Tracing |
     if ACTIVE is not None and settings is not None:
         log.info(
             "traces: OTLP %s to %s, sampling %g%% of root requests",
-            settings.protocol or DEFAULT_PROTOCOL,
+            settings.protocol or "http/protobuf",
             settings.endpoint,
             ACTIVE.sample * 100,
         )

@@ -3,9 +3,7 @@ decodes what exporters send with opentelemetry-proto, for the trace tests."""
 
 from __future__ import annotations
 
-import base64
 import gzip
-import json
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -16,7 +14,6 @@ from typing import Any
 
 import grpc
 import pytest
-from google.protobuf import json_format
 
 from tests.conftest import free_port
 
@@ -56,9 +53,7 @@ class Receiver:
     http_port: int
     grpc_port: int
     spans: list[Span] = field(default_factory=list)
-    requests: dict[str, int] = field(
-        default_factory=lambda: {"http/json": 0, "http/protobuf": 0, "grpc": 0}
-    )
+    requests: dict[str, int] = field(default_factory=lambda: {"http": 0, "grpc": 0})
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -129,23 +124,16 @@ def _http_handler(receiver: Receiver) -> type[BaseHTTPRequestHandler]:
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             if self.headers.get("content-encoding") == "gzip":
                 body = gzip.decompress(body)
-            kind = self.headers.get("content-type", "")
-            if self.path != "/v1/traces" or not ("protobuf" in kind or "json" in kind):
+            if self.path != "/v1/traces" or "protobuf" not in self.headers.get("content-type", ""):
                 self.send_response(404)
                 self.end_headers()
                 return
             request = trace_service_pb2.ExportTraceServiceRequest()
-            if "json" in kind:
-                # OTLP/JSON writes ids as hex, the protobuf JSON mapping reads bytes as base64
-                json_format.ParseDict(_ids_to_base64(json.loads(body)), request)
-                receiver.take(request, "http/json")
-                out = b"{}"
-            else:
-                request.ParseFromString(body)
-                receiver.take(request, "http/protobuf")
-                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+            request.ParseFromString(body)
+            receiver.take(request, "http")
+            out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
             self.send_response(200)
-            self.send_header("content-type", kind)
+            self.send_header("content-type", "application/x-protobuf")
             self.send_header("content-length", str(len(out)))
             self.end_headers()
             self.wfile.write(out)
@@ -171,19 +159,6 @@ def otlp() -> Iterator[Receiver]:
         server.stop(0)
         http.shutdown()
         http.server_close()
-
-
-def _ids_to_base64(doc: Any) -> Any:
-    if isinstance(doc, dict):
-        return {
-            k: base64.b64encode(bytes.fromhex(v)).decode()
-            if k in ("traceId", "spanId", "parentSpanId") and isinstance(v, str)
-            else _ids_to_base64(v)
-            for k, v in doc.items()
-        }
-    if isinstance(doc, list):
-        return [_ids_to_base64(v) for v in doc]
-    return doc
 
 
 def by_name(spans: list[Span], prefix: str) -> list[Span]:
