@@ -100,6 +100,22 @@ def batch_command(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Delete the output folder and start over.")
     ] = False,
+    shards: Annotated[
+        int,
+        typer.Option(
+            help="Split the job's input files into this many shares, each scored by its own "
+            "process into the same --output (a Kubernetes Indexed Job: its completions); "
+            "needs --job-id."
+        ),
+    ] = 1,
+    shard_index: Annotated[
+        int | None,
+        typer.Option(
+            envvar="JOB_COMPLETION_INDEX",
+            help="With --shards: the share this process scores, 0 to --shards minus 1 "
+            "(an Indexed Job sets JOB_COMPLETION_INDEX in each pod).",
+        ),
+    ] = None,
     engine: Annotated[str, typer.Option(help="local (process pool) or ray (Ray Data).")] = "local",
     workers: Annotated[
         int | None, typer.Option(help="Local engine: worker processes (default: one per core).")
@@ -155,6 +171,8 @@ def batch_command(
         max_error_rate=max_error_rate,
         job_id=job_id,
         overwrite=overwrite,
+        shards=shards,
+        shard_index=shard_index,
         engine=engine,
         workers=workers,
         ray_address=ray_address,
@@ -207,6 +225,16 @@ def batch_command(
     finally:
         if metrics is not None:
             metrics.close()
+    if result.waiting is not None:
+        rate = result.rows_this_run / result.elapsed_s if result.elapsed_s else 0.0
+        for line in (
+            f"job {result.job_id}: {result.waiting}",
+            f"this run: {result.scored_fragments} files scored, {result.skipped_fragments} "
+            f"already committed; {result.rows_this_run:,} rows in {result.elapsed_s:.1f}s "
+            f"({rate:,.0f} rows/s)",
+        ):
+            _out.print(line, highlight=False, soft_wrap=True)
+        return
     manifest = result.manifest
     rows = manifest.get("rows", {})
     if result.already_complete:
@@ -223,9 +251,17 @@ def batch_command(
     versions = ", ".join(
         f"{v or '?'} ({n:,} rows)" for v, n in manifest.get("model", {}).get("versions", {}).items()
     )
+    others = len(manifest.get("fragments", [])) - result.scored_fragments
+    others -= result.skipped_fragments
     lines = [
         f"job {result.job_id}: succeeded in {result.elapsed_s:.1f}s; "
-        f"{result.scored_fragments} files scored, {result.skipped_fragments} already committed",
+        f"{result.scored_fragments} files scored, {result.skipped_fragments} already committed"
+        + (
+            f"; {result.shard.label} finished last ({others} files by the other shards) and "
+            "wrote the manifest"
+            if result.shard.parallel
+            else ""
+        ),
         f"rows: {rows.get('in', 0):,} in, {rows.get('out', 0):,} out, {errored:,} errored "
         f"({share:.2f}%); {rate:,.0f} rows/s this run",
         f"model: {manifest.get('model', {}).get('name')} version {versions or '-'}",

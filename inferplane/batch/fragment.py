@@ -96,7 +96,7 @@ class FragmentScorer:
         self._own_tracing = job.traces is not None and tracing.ACTIVE is None
         if self._own_tracing:
             tracing.configure(job.traces)
-        self.layout = OutputLayout(job.output_url)
+        self.layout = OutputLayout(job.output_url, job.output_tmp)
         self.loop = asyncio.new_event_loop()
         self._stack = contextlib.AsyncExitStack()
         self.predictor: Predictor = self.loop.run_until_complete(

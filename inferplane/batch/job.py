@@ -24,6 +24,7 @@ from inferplane.batch.extras import require_pyarrow, require_ray
 from inferplane.batch.mapping import bind_inputs, parse_maps
 from inferplane.batch.progress import JobProgress
 from inferplane.batch.readers import Fragment, InputTable, open_input
+from inferplane.batch.shards import Shard, check_shard, share, waiting_line
 from inferplane.batch.spec import METADATA_COLUMNS, JobSpec, TransientFailure
 from inferplane.batch.stopping import JobStopped, stop_on_sigterm
 from inferplane.batch.writer import JOB_FILE, SUCCESS, OutputLayout, output_key
@@ -55,6 +56,8 @@ class JobOptions:
     max_error_rate: float = 0.01
     job_id: str | None = None
     overwrite: bool = False
+    shards: int = 1  # --shards: the job is split into this many shares of its input files
+    shard_index: int | None = None  # --shard-index: the share this process scores
     engine: str = "local"
     workers: int | None = None
     ray_address: str | None = None
@@ -73,6 +76,9 @@ class JobResult:
     already_complete: bool
     elapsed_s: float
     rows_this_run: int
+    shard: Shard = field(default_factory=Shard)
+    # A shard whose share is committed while others' are not: what it reports (no manifest).
+    waiting: str | None = None
 
 
 @dataclass(slots=True)
@@ -81,10 +87,12 @@ class Plan:
     table: InputTable
     layout: OutputLayout
     signature: Signature
-    pending: list[Fragment]
-    committed: dict[str, dict[str, Any]]
+    pending: list[Fragment]  # of this shard's share (every fragment unless --shards)
+    committed: dict[str, dict[str, Any]]  # every shard's
     identity: dict[str, Any]
     created_at: str
+    shard: Shard
+    share: list[Fragment]  # the fragments this shard scores, committed or not
 
 
 def _check_options(o: JobOptions) -> None:
@@ -134,6 +142,7 @@ async def _signature(o: JobOptions, models: list[str]) -> Signature:
 def plan_job(o: JobOptions) -> Plan:
     """Everything a run needs, checked before any row is scored (BadRequest: exit code 2)."""
     _check_options(o)
+    shard = check_shard(o.shards, o.shard_index, job_id=o.job_id, overwrite=o.overwrite)
     table = open_input(o.input, o.input_format)
     models = _models_to_load(o)
     try:
@@ -180,7 +189,7 @@ def plan_job(o: JobOptions) -> Plan:
         "outputs": output_names,
     }
     identity = json.loads(json.dumps(identity))  # as stored: tuples become lists
-    layout = OutputLayout(o.output)
+    layout = OutputLayout(o.output, shard.tmp)
     if o.overwrite:
         layout.clear()
     existing = layout.read_json(JOB_FILE)
@@ -212,7 +221,8 @@ def plan_job(o: JobOptions) -> Plan:
                 f"input '{key}' changed since job '{job_id}' scored it ({entry.get('input_bytes')}"
                 f" -> {now.size} bytes); use another --output or --overwrite"
             )
-    pending = [f for f in table.fragments if f.key not in committed]
+    mine = share(table.fragments, shard)
+    pending = [f for f in mine if f.key not in committed]
     job = JobSpec(
         job_id=job_id,
         input_url=o.input,
@@ -233,8 +243,11 @@ def plan_job(o: JobOptions) -> Plan:
         chunk_rows=o.chunk_rows,
         concurrency=o.concurrency,
         max_error_rate=o.max_error_rate,
+        output_tmp=shard.tmp,
     )
-    return Plan(job, table, layout, signature, pending, committed, identity, created_at)
+    return Plan(
+        job, table, layout, signature, pending, committed, identity, created_at, shard, mine
+    )
 
 
 def run_job(
@@ -300,19 +313,30 @@ def _run_job(
     job, layout = plan.job, plan.layout
     if span is not None:
         job.traces, job.trace_parent = o.traces, tracing.traceparent_of(span)
+    shard = plan.shard
     current = {f.key for f in plan.table.fragments}
     done = {k: v for k, v in plan.committed.items() if k in current}
-    if not plan.pending and layout.fs.exists(layout.path(SUCCESS)):
+    if len(done) == len(current) and layout.fs.exists(layout.path(SUCCESS)):
         manifest = layout.read_json("_manifest.json") or {}
-        return JobResult(job.job_id, manifest, 0, len(done), True, 0.0, 0)
+        return JobResult(job.job_id, manifest, 0, len(done), True, 0.0, 0, shard=shard)
     layout.remove(SUCCESS)  # new or changed inputs: the old success no longer holds
     layout.prepare()
     layout.write_json(
         JOB_FILE, {"job_id": job.job_id, "created_at": plan.created_at, "identity": plan.identity}
     )
+    if shard.parallel:
+        todo = (
+            f"{shard.label}: {len(plan.pending)} of its {len(plan.share)} input files to score "
+            f"({len(plan.share) - len(plan.pending)} already committed; {len(done)} of "
+            f"{len(current)} for the whole job)"
+        )
+    else:
+        todo = (
+            f"{len(plan.pending)} of {len(plan.table.fragments)} input files to score "
+            f"({len(done)} already committed)"
+        )
     log(
-        f"job {job.job_id}: {len(plan.pending)} of {len(plan.table.fragments)} input files to "
-        f"score ({len(done)} already committed), target '{job.target}' "
+        f"job {job.job_id}: {todo}, target '{job.target}' "
         f"({plan.signature.model_name} {plan.signature.model_version or ''}) via "
         f"{job.predictor_label}, engine {o.engine}, {job.batch_size} rows per request"
     )
@@ -324,6 +348,7 @@ def _run_job(
         stream=stream,
         interval_s=o.progress_interval_s,
         fancy=fancy_progress,
+        label=shard.label if shard.parallel else "",
     )
 
     def on_done(entry: dict[str, Any]) -> None:
@@ -340,19 +365,31 @@ def _run_job(
     if scored < len(plan.pending):  # only a stop returns early; failures raise
         raise JobStopped(
             f"stopped by SIGTERM at a fragment boundary: {scored} input files committed in "
-            f"this run, {len(plan.pending) - scored} left; rerun the job to resume"
+            f"this run, {len(plan.pending) - scored} left; rerun "
+            f"{shard.label if shard.parallel else 'the job'} to resume"
         )
     elapsed = time.monotonic() - started
+    skipped = len(plan.share) - len(plan.pending)
+    if shard.parallel:
+        # Read again: the other shards committed theirs meanwhile. Every shard checks after its
+        # last commit, so the last to commit sees all (two may: both write the same manifest).
+        done = {k: v for k, v in layout.entries().items() if k in current}
+        if len(done) < len(current):
+            layout.drop_tmp()
+            own = sum(f.key in done for f in plan.share)
+            waiting = waiting_line(shard, own, len(plan.share), len(done), len(current))
+            return JobResult(
+                job.job_id, {}, scored, skipped, False, elapsed, progress.rows,
+                shard=shard, waiting=waiting,
+            )  # fmt: skip
+        # Shards that planned at the same time each wrote _job.json: the one that stayed
+        # says when the job was created.
+        stored = layout.read_json(JOB_FILE) or {}
+        plan.created_at = str(stored.get("created_at") or plan.created_at)
     manifest = build_manifest(plan, o, done, elapsed)
     layout.finish(manifest)
     return JobResult(
-        job.job_id,
-        manifest,
-        len(plan.pending),
-        len(done) - len(plan.pending),
-        False,
-        elapsed,
-        progress.rows,
+        job.job_id, manifest, scored, skipped, False, elapsed, progress.rows, shard=shard
     )
 
 
@@ -363,6 +400,8 @@ def _run_engine(
     on_done: Callable[[dict[str, Any]], None],
     stopping: threading.Event,
 ) -> None:
+    if not plan.pending:
+        return  # a shard whose share is committed, or empty (more shards than files)
     if o.engine == "ray":
         from inferplane.batch.ray_engine import run_ray
 

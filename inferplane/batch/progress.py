@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -26,7 +27,8 @@ from rich.progress import (
 
 
 class JobProgress:
-    """Counts rows and fragments; `interval_s` spaces the plain log lines."""
+    """Counts rows and fragments; `interval_s` spaces the plain log lines, which `label` (e.g.
+    "shard 1/4") names."""
 
     def __init__(
         self,
@@ -36,8 +38,10 @@ class JobProgress:
         stream: TextIO | None = None,
         interval_s: float = 10.0,
         fancy: bool | None = None,
+        label: str = "",
     ) -> None:
         self.stream = stream or sys.stderr
+        self.label = label
         self.total_rows = total_rows
         self.total_fragments = total_fragments
         self.rows = 0
@@ -50,7 +54,7 @@ class JobProgress:
         self._task: Any = None
         if fancy:
             self._bar = Progress(
-                TextColumn("[bold]scoring"),
+                TextColumn(f"[bold]scoring{' ' + escape(label) if label else ''}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("rows  {task.fields[rate]} rows/s  {task.fields[frags]}"),
@@ -102,7 +106,7 @@ class JobProgress:
 
     def line(self) -> str:
         rate = self.rate()
-        parts = [f"batch: {self.rows:,}"]
+        parts = [f"batch{' ' + self.label if self.label else ''}: {self.rows:,}"]
         if self.total_rows:
             parts[0] += f"/{self.total_rows:,} rows ({100 * self.rows / self.total_rows:.1f}%)"
         else:

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from inferplane.batch.mapping import InputBinding
+from inferplane.batch.writer import TMP
 from inferplane.errors import BadRequest, InferplaneError
 from inferplane.tensors import TensorSpec
 
@@ -61,6 +62,7 @@ class JobSpec:
     concurrency: int  # predictor requests in flight per worker
     max_error_rate: float
     retries: int = 5
+    output_tmp: str = TMP  # the output's folder for files being written (its own per shard)
     extra: dict[str, str] = field(default_factory=dict)
     # Traces (observability/tracing.py): what workers export with, and the job's span that
     # each fragment's span goes under; None: not traced.

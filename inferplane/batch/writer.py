@@ -8,6 +8,7 @@ Layout under the output URL (local path or any fsspec URL):
     _job.json                  what the job is (input, target, mapping...), to resume it safely
     _manifest.json, _SUCCESS   written last, when every fragment is committed
     _tmp/                      files being written; removed when a job (re)starts
+    _tmp/shard-<i>/            the same for shard i of a job split with --shards
 
 A fragment is written under _tmp/ and moved to its final, deterministic name; only then is its
 commit entry written. A crash before the entry leaves at most a file that the rerun overwrites
@@ -109,7 +110,7 @@ class ParquetOutput:
         pq = _pq()
         self.layout = layout
         self.final = final
-        self.tmp = layout.path(TMP, uuid.uuid4().hex, final)
+        self.tmp = layout.path(layout.tmp, uuid.uuid4().hex, final)
         layout.fs.makedirs(posixpath.dirname(self.tmp), exist_ok=True)
         self.file = _HashingFile(layout.fs.open(self.tmp, "wb"))
         # Dictionary encoding only where values repeat (versions, job id, labels): on unique
@@ -146,16 +147,21 @@ class ParquetOutput:
 
 
 class OutputLayout:
-    def __init__(self, url: str) -> None:
+    """The output folder; `tmp` is the folder (relative) this process writes temporary files
+    in: `_tmp`, or one of its own per shard, so that shards sharing the output never delete
+    each other's files being written."""
+
+    def __init__(self, url: str, tmp: str = TMP) -> None:
         self.url = url
+        self.tmp = tmp
         self.fs, root = fsspec.core.url_to_fs(url)
         self.root = root.rstrip("/")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"url": self.url}
+        return {"url": self.url, "tmp": self.tmp}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["url"])  # type: ignore[misc]
+        self.__init__(state["url"], state.get("tmp", TMP))  # type: ignore[misc]
 
     def path(self, *parts: str) -> str:
         return posixpath.join(self.root, *parts)
@@ -163,9 +169,7 @@ class OutputLayout:
     def prepare(self) -> None:
         """Create the folder and drop what an interrupted run left half-written."""
         self.fs.makedirs(self.root, exist_ok=True)
-        tmp = self.path(TMP)
-        if self.fs.exists(tmp):
-            self.fs.rm(tmp, recursive=True)
+        self.drop_tmp()
 
     def clear(self) -> None:
         if self.fs.exists(self.root):
@@ -174,7 +178,7 @@ class OutputLayout:
     def write_json(self, relative: str, doc: Mapping[str, Any]) -> None:
         """Write then move into place: a reader sees the whole document or none."""
         data = json.dumps(doc, indent=2, sort_keys=True).encode()
-        tmp = self.path(TMP, uuid.uuid4().hex + ".json")
+        tmp = self.path(self.tmp, uuid.uuid4().hex + ".json")
         self.fs.makedirs(posixpath.dirname(tmp), exist_ok=True)
         self.fs.pipe_file(tmp, data)
         target = self.path(relative)
@@ -210,9 +214,19 @@ class OutputLayout:
     def finish(self, manifest: Mapping[str, Any]) -> None:
         self.write_json(MANIFEST, manifest)
         self.fs.pipe_file(self.path(SUCCESS), b"")
-        tmp = self.path(TMP)
+        self.drop_tmp()
+
+    def drop_tmp(self) -> None:
+        """Remove this process's temporary folder (`tmp`), with what a crash left in it."""
+        tmp = self.path(self.tmp)
         if self.fs.exists(tmp):
             self.fs.rm(tmp, recursive=True)
+        if self.tmp != TMP:
+            # A shard's folder is under _tmp/: the last one out removes the empty _tmp (a
+            # local folder; object stores have none). Another shard writing keeps it non-empty.
+            with contextlib.suppress(OSError):
+                if not self.fs.ls(self.path(TMP)):
+                    self.fs.rmdir(self.path(TMP))
 
 
 def _pq() -> Any:

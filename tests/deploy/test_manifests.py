@@ -216,3 +216,34 @@ def test_the_autoscaling_rules_read_metrics_a_real_server_exports(
         server.stop()
     for name in series:
         assert name in exported, f"the adapter rules read {name}, which the server does not export"
+
+
+def _batch_pods(docs: list[dict]) -> dict[str, tuple[dict, dict]]:
+    """(Job spec, container) of every batch Job, a CronJob's template included, by kind."""
+    found = {}
+    for doc in docs:
+        job = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+        (container,) = job["template"]["spec"]["containers"]
+        found[doc["kind"]] = (job, container)
+    return found
+
+
+def test_the_batch_jobs_use_only_flags_batch_has_and_one_shard_per_index() -> None:
+    pods = _batch_pods(_render(DEPLOY / "batch"))
+    assert set(pods) == {"CronJob", "Job"}
+    help_text = subprocess.run(
+        [sys.executable, "-m", "inferplane", "batch", "--help"],
+        capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""},
+    ).stdout  # fmt: skip
+    for kind, (_, container) in pods.items():
+        assert container["command"] == ["/bin/sh", "-c"]
+        script = container["args"][0]
+        assert "exec inferplane batch " in script
+        for flag in re.findall(r"(?<!\S)--[a-z][a-z-]*", script):
+            assert flag in help_text, f"deploy/batch {kind} uses {flag}, which `batch` lacks"
+    job, container = pods["Job"]
+    assert job["completionMode"] == "Indexed" and job["parallelism"] == job["completions"]
+    shards = int(re.search(r"--shards (\d+)", container["args"][0]).group(1))  # type: ignore[union-attr]
+    assert shards == job["completions"], "--shards must be the Job's completions"
+    assert "--job-id" in container["args"][0] and "--overwrite" not in container["args"][0]
+    assert "JOB_COMPLETION_INDEX" in help_text  # --shard-index comes from the Indexed Job
