@@ -111,6 +111,14 @@ def serve(
     watch_interval: Annotated[
         float, typer.Option(min=0.1, help="Seconds between the --watch reads.")
     ] = 1.0,
+    rollouts: Annotated[
+        bool,
+        typer.Option(
+            help="Run the rollout controller in this server: the services file's `rollout:` "
+            "blocks move on this server's own figures (docs/rollouts.md). A fleet turns it off "
+            "on its replicas and runs one `inferplane rollout run`."
+        ),
+    ] = True,
     drain_seconds: Annotated[
         float,
         typer.Option(
@@ -285,6 +293,7 @@ def serve(
             services=services,
             watch=watch,
             watch_interval_s=watch_interval,
+            rollouts=rollouts,
             drain_seconds=drain_seconds,
             audit_sink=None if audit_sink.lower() in ("", "none", "off") else audit_sink,
             busy_poll_us=busy_poll_us,
@@ -722,6 +731,18 @@ app.add_typer(keys_app, name="keys")
 keys_app.command("create")(one_line_errors(keys_command.create_command))
 keys_app.command("list")(one_line_errors(keys_command.list_command))
 keys_app.command("revoke")(one_line_errors(keys_command.revoke_command))
+
+# -- rollout (inferplane/control/rollout/command.py) --
+from inferplane.control.rollout import command as rollout_command  # noqa: E402
+
+rollout_app = typer.Typer(
+    help="Progressive delivery: run the rollout controller, see and steer rollouts "
+    "(docs/rollouts.md).",
+    no_args_is_help=True,
+)
+app.add_typer(rollout_app, name="rollout")
+for _name in ("run", "status", "start", "pause", "resume", "abort", "promote"):
+    rollout_app.command(_name)(one_line_errors(getattr(rollout_command, f"{_name}_command")))
 
 
 def main() -> None:

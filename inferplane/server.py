@@ -11,7 +11,7 @@ import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvicorn
 from starlette.applications import Starlette
@@ -25,11 +25,21 @@ from inferplane.engine.residency import ResidencyOptions
 from inferplane.observability import tracing
 from inferplane.observability.tracing import TraceSettings
 from inferplane.predictor import build_in_process
-from inferplane.protocols import audit_rest, models_rest, services_rest, v1_rest, v2_rest
+from inferplane.protocols import (
+    audit_rest,
+    models_rest,
+    rollouts_rest,
+    services_rest,
+    v1_rest,
+    v2_rest,
+)
 from inferplane.protocols.busy_poll import DEFAULT_WINDOW_US, BusyPoll
 from inferplane.protocols.deps import DEFAULT_MAX_PAYLOAD, ServingDeps
 from inferplane.protocols.http_protocol import HttpLimits, v2_http_protocol
 from inferplane.protocols.v2_infer_asgi import InferEndpoint
+
+if TYPE_CHECKING:
+    from inferplane.control.rollout.controller import RolloutController
 
 log = logging.getLogger("inferplane.server")
 
@@ -72,6 +82,7 @@ class ServerSettings:
     cache_dir: str | None = None  # local copies of remote artifacts; None: <tmp>/inferplane-cache
     cache_size: int | None = None  # bytes the cache is trimmed to (LRU); None: no limit
     traces: TraceSettings | None = None  # OpenTelemetry export (docs/observability.md); None: off
+    rollouts: bool = True  # run the rollout controller in this process (docs/rollouts.md)
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -89,6 +100,18 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
     )
     manager = predictor.manager
     manager.metrics.inflight.set_function(lambda: manager.inflight)
+    rollouts = None
+    if settings.rollouts and policy is not None:
+        from inferplane.control.rollout.controller import RolloutController
+        from inferplane.control.rollout.figures import RegistrySource
+
+        rollouts = RolloutController(
+            settings.repository,
+            policy.url,
+            RegistrySource(manager.metrics.registry),
+            audit=predictor.audit,
+            registry=manager.metrics.registry,
+        )
     return ServingDeps(
         manager=manager,
         predictor=predictor,
@@ -99,6 +122,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         watch_interval_s=settings.watch_interval_s,
         busy_poll=BusyPoll(settings.busy_poll_us, manager.metrics.busy_poll_seconds),
         edge=Edge(settings.access, metrics=manager.metrics) if settings.access else None,
+        rollouts=rollouts,
     )
 
 
@@ -124,6 +148,7 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
         + services_rest.build_routes(deps)
         + models_rest.build_routes(deps)
         + audit_rest.build_routes(deps)
+        + rollouts_rest.build_routes(deps)
         + console_routes.build_routes(deps)
     )
     return InferEndpoint(
@@ -162,8 +187,38 @@ async def _start(deps: ServingDeps) -> None:
     gc.freeze()
     if deps.policy is not None:
         await asyncio.to_thread(deps.policy.load_logged)
+    loops = []  # cancelled with this task at shutdown
+    if deps.rollouts is not None:
+        loops.append(_run_rollouts(deps, deps.rollouts))
     if deps.watch:
-        await _watch(deps)
+        loops.append(_watch(deps))
+    if loops:
+        await asyncio.gather(*loops)
+
+
+async def _run_rollouts(deps: ServingDeps, controller: RolloutController) -> None:
+    """The rollout controller's passes, off the event loop. What it writes (weights, aliases)
+    is applied here at once, without waiting for --watch (or without --watch at all)."""
+    changed = False
+
+    def mark() -> None:
+        nonlocal changed
+        changed = True
+
+    controller.on_change = mark
+    while True:
+        try:
+            await asyncio.to_thread(controller.tick)
+            if changed:
+                changed = False
+                await deps.manager.refresh()
+                if deps.policy is not None:
+                    await asyncio.to_thread(deps.policy.load_logged)
+            interval = await asyncio.to_thread(controller.interval)
+        except Exception:  # one bad pass must not end every later rollout
+            log.exception("rollouts: a controller pass failed")
+            interval = 5.0
+        await asyncio.sleep(min(interval, 1.0))
 
 
 async def _watch(deps: ServingDeps) -> None:

@@ -56,6 +56,8 @@ class AuditRecord:
     trace_id: str | None = (
         None  # the W3C trace the request belongs to (traced or sent by the caller)
     )
+    # None for a prediction; "rollout" for a rollout controller's decision (docs/rollouts.md)
+    kind: str | None = None
 
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in fields(AuditRecord))
@@ -88,6 +90,7 @@ def query(
     status: int | None = None,
     principal: str | None = None,
     trace_id: str | None = None,
+    kind: str | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
     """The latest `limit` matching records of a sink, oldest first (SQLite, JSONL or Parquet)."""
@@ -102,6 +105,7 @@ def query(
         status=status,
         principal=principal,
         trace_id=trace_id,
+        kind=kind,
         limit=limit,
     )
 

@@ -66,6 +66,13 @@ def audit_command(
     trace_id: Annotated[
         str | None, typer.Option(help="Only requests of this W3C trace (32 hex digits).")
     ] = None,
+    kind: Annotated[
+        str | None,
+        typer.Option(
+            help="Only records of this kind: prediction, or rollout (the rollout controller's "
+            "decisions, docs/rollouts.md)."
+        ),
+    ] = None,
     limit: Annotated[int, typer.Option(help="Print at most the latest N records.")] = 100,
     json_lines: Annotated[
         bool, typer.Option("--json", help="One JSON object per line instead of a table.")
@@ -87,6 +94,7 @@ def audit_command(
             status=status,
             principal=principal,
             trace_id=trace_id,
+            kind=kind,
             limit=limit,
         )
     except NotFound as exc:

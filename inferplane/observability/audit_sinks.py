@@ -27,6 +27,7 @@ from inferplane.observability.audit import FIELDS, AuditRecord, AuditSink
 KINDS = ("sqlite", "jsonl", "parquet", "kafka")
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]+):(.*)$", re.DOTALL)  # 2+ letters: not C:\
 _row = operator.attrgetter(*FIELDS)
+PREDICTION = "prediction"  # the kind of a record that has none
 
 
 def parse_spec(spec: str) -> tuple[str, str]:
@@ -266,6 +267,7 @@ class _Filter:
     status: int | None
     principal: str | None
     trace_id: str | None = None
+    kind: str | None = None  # "prediction" also matches records with no kind
 
     def matches(self, rec: dict[str, Any]) -> bool:
         return (
@@ -276,6 +278,7 @@ class _Filter:
             and (self.status is None or rec.get("status") == self.status)
             and (self.principal is None or rec.get("principal") == self.principal)
             and (self.trace_id is None or rec.get("trace_id") == self.trace_id)
+            and (self.kind is None or (rec.get("kind") or PREDICTION) == self.kind)
         )
 
 
@@ -289,6 +292,7 @@ def query(
     status: int | None = None,
     principal: str | None = None,
     trace_id: str | None = None,
+    kind: str | None = None,
     limit: int = 100,
 ) -> list[AuditRecord]:
     if limit < 1:
@@ -303,9 +307,10 @@ def query(
         status=status,
         principal=principal,
         trace_id=trace_id.lower() if trace_id else None,
+        kind=kind,
     )
-    kind, path = parse_spec(spec_or_path)
-    if kind == "kafka":
+    sink_kind, path = parse_spec(spec_or_path)
+    if sink_kind == "kafka":
         from inferplane.observability.audit_kafka import read_kafka
 
         return _latest((r for r in read_kafka(path) if flt.matches(r)), limit)
@@ -313,19 +318,19 @@ def query(
         "sqlite": _query_sqlite,
         "jsonl": _query_jsonl,
     }
-    if kind == "parquet":
+    if sink_kind == "parquet":
         return _query_parquet(path, flt, limit)
     where = Path(path)
     if not where.exists():
         what = (
             "audit folder"
-            if kind == "parquet"
+            if sink_kind == "parquet"
             else "audit database"
-            if kind == "sqlite"
+            if sink_kind == "sqlite"
             else "audit file"
         )
         raise NotFound(f"{what} '{path}' does not exist")
-    return readers[kind](where, flt, limit)
+    return readers[sink_kind](where, flt, limit)
 
 
 def _record(row: dict[str, Any]) -> AuditRecord:
@@ -358,6 +363,10 @@ def _query_sqlite(path: Path, flt: _Filter, limit: int) -> list[AuditRecord]:
                 if value is not None:
                     clauses.append(f"{column if column in present else 'NULL'} {op} ?")
                     params.append(value)
+            if flt.kind is not None:
+                kind_column = "kind" if "kind" in present else "NULL"
+                clauses.append(f"COALESCE({kind_column}, '{PREDICTION}') = ?")
+                params.append(flt.kind)
             where = f" WHERE {' AND '.join(clauses)}" if clauses else ""
             select = ", ".join(name if name in present else "NULL" for name in FIELDS)
             rows = conn.execute(
@@ -450,6 +459,9 @@ def _query_parquet(path: str, flt: _Filter, limit: int) -> list[AuditRecord]:
                 if column == "time"
                 else pc.equal(table[column], value)
             )
+            mask = term if mask is None else pc.and_(mask, term)
+        if flt.kind is not None:
+            term = pc.equal(pc.fill_null(table["kind"], PREDICTION), flt.kind)
             mask = term if mask is None else pc.and_(mask, term)
         if mask is not None:
             table = table.filter(pc.fill_null(mask, False))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -14,6 +15,9 @@ LATENCY_BUCKETS = (
 )  # fmt: skip
 LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+# Ten buckets a decade (x1.26) from 100 µs to 10 s, for the arms of a service: a rollout compares
+# two arms' p95 to a ratio such as 1.25, which the 1-2.5-5 buckets above cannot resolve.
+ARM_BUCKETS = tuple(float(f"{10 ** (k / 10):.3g}") for k in range(-40, 11))
 UNKNOWN = "_unknown"  # the model label of requests for models we do not serve (bounded cardinality)
 
 
@@ -62,6 +66,13 @@ class Metrics:
             "Wall time the event loop polled instead of sleeping after answers (--busy-poll-us).",
             registry=r,
         )
+        self.start_time = Gauge(
+            "inferplane_start_time_seconds",
+            "When this server's metrics began (Unix time): a reader of its counters tells a "
+            "restart by it.",
+            registry=r,
+        )
+        self.start_time.set(time.time())
         self.inflight = Gauge(
             "inferplane_inflight_requests",
             "Inference requests being handled now (an autoscaling signal).",
@@ -126,6 +137,23 @@ class Metrics:
             "Service calls by the route that answered them (primary, canary, ab:<rule>, "
             "fallback, cache) and the model version behind it.",
             ["service", "route", "model", "version"],
+            registry=r,
+        )
+        self.service_requests = Counter(
+            "inferplane_service_requests_total",
+            "Service calls by the arm the policy chose (primary, canary, ab:<rule>, ...), the "
+            "model version behind it and the outcome: ok, error (the caller got an error), "
+            "recovered (the arm failed, a fallback or cached answer was served) or rejected "
+            "(the caller's input was at fault). The rollout controller and SLO alerts read it.",
+            ["service", "arm", "model", "version", "outcome"],
+            registry=r,
+        )
+        self.service_latency = Histogram(
+            "inferplane_service_request_duration_seconds",
+            "Time a service call's chosen arm took to answer (routing, queue and model; "
+            "successful calls only).",
+            ["service", "arm", "model", "version"],
+            buckets=ARM_BUCKETS,
             registry=r,
         )
         self.fallbacks = Counter(

@@ -12,6 +12,7 @@ from inferplane.predictor import InProcessPredictor
 from inferplane.protocols.busy_poll import BusyPoll
 
 if TYPE_CHECKING:
+    from inferplane.control.rollout.controller import RolloutController
     from inferplane.edge.gate import Edge
     from inferplane.routing.policy_source import PolicySource
 
@@ -33,3 +34,5 @@ class ServingDeps:
     # polls the event loop briefly after answers (off unless the server sets a window)
     busy_poll: BusyPoll = field(default_factory=lambda: BusyPoll(0))
     edge: Edge | None = None  # authentication, authorization, quotas; None: open (no --access)
+    # the rollout controller in this process (serve --rollouts, the default); None: off
+    rollouts: RolloutController | None = None

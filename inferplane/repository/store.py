@@ -18,6 +18,7 @@ import os
 import posixpath
 import socket
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -114,6 +115,19 @@ def _version_folder(name: str) -> int | None:
         return None
     number = int(name)
     return number if number > 0 and str(number) == name else None
+
+
+def write_text(fs: fsspec.AbstractFileSystem, path: str, text: str) -> None:
+    """Write a small text file whole: atomic on local disk (readers never see half of it); an
+    object store's PUT is whole by nature."""
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    if isinstance(fs, LocalFileSystem):
+        tmp = f"{path}.tmp-{os.getpid()}-{threading.get_ident()}"
+        Path(tmp).write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    else:
+        with fs.open(path, "wb") as fh:
+            fh.write(text.encode("utf-8"))
 
 
 class Repository:
@@ -415,15 +429,7 @@ class Repository:
 
     # writing -----------------------------------------------------------------------------
     def _write_text(self, path: str, text: str) -> None:
-        self.fs.makedirs(posixpath.dirname(path), exist_ok=True)
-        if self.is_local:
-            # Atomic on local disk: readers never see a half-written file.
-            tmp = f"{path}.tmp-{os.getpid()}"
-            Path(tmp).write_text(text, encoding="utf-8")
-            os.replace(tmp, path)
-        else:
-            with self.fs.open(path, "wb") as fh:
-                fh.write(text.encode("utf-8"))
+        write_text(self.fs, path, text)
 
     def add_version(self, config: ModelConfig, files: dict[str, str]) -> ModelConfig:
         """Copy `files` (name in the version folder -> local source path) in, then commit.

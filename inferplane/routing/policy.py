@@ -11,11 +11,20 @@ rules of the audit trail's sampled payloads (`audit:` per service and at the top
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
+from inferplane.durations import parse_duration
 from inferplane.errors import BadRequest
 from inferplane.observability.redaction import (
     Action,
@@ -36,10 +45,33 @@ class _Strict(BaseModel):
 
 
 def _version_text(cls: type, data: object) -> object:
-    """`version: 2` in YAML is a number; versions and aliases are text from here on."""
+    """`version: 2` in YAML is a number; versions and aliases are text from here on.
+
+    `target: "tabular:production"` is short for `model: tabular, version: production`."""
+    if isinstance(data, dict) and "target" in data:
+        data = dict(data)
+        target = data.pop("target")
+        if not isinstance(target, str) or not target:
+            raise ValueError("target is 'model' or 'model:version', as text")
+        model, _, version = target.partition(":")
+        if "model" in data or "version" in data:
+            raise ValueError("give either target or model/version, not both")
+        data["model"] = model
+        if version:
+            data["version"] = version
     if isinstance(data, dict) and isinstance(data.get("version"), int):
         data = {**data, "version": str(data["version"])}
     return data
+
+
+def _seconds(value: object) -> float:
+    if not isinstance(value, str | int | float):
+        raise ValueError("a duration is text (90s, 2m) or a number of seconds")
+    return parse_duration(value)
+
+
+# A duration field: `2m`, `90s`, `500ms` or a number of seconds.
+Seconds = Annotated[float, BeforeValidator(_seconds)]
 
 
 class Target(_Strict):
@@ -197,6 +229,69 @@ class AuditDefaults(_Strict):
         return self
 
 
+class Step(_Strict):
+    """One step of a rollout: the candidate's share of the traffic and how long it holds."""
+
+    weight: float = Field(gt=0, le=100)
+    hold: Seconds = Field(gt=0)
+
+
+class Analysis(_Strict):
+    """When a rollout step passes or fails (docs/rollouts.md, "How it decides")."""
+
+    min_requests: int = Field(default=200, ge=1)  # per arm and step, before any verdict
+    max_error_rate: float | None = Field(default=0.01, ge=0, le=1)
+    max_error_rate_delta: float | None = Field(default=None, ge=0, le=1)
+    max_latency_p95_ratio: float | None = Field(default=None, gt=0)
+    max_label_disagreement: float | None = Field(default=None, ge=0, le=1)
+    # two-sided level of the bounds: a limit is broken only when the whole interval is past it
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    # a step whose figures are neither clearly in nor clearly out of bounds by hold + max_wait
+    # fails ("inconclusive"); default: two more holds
+    max_wait: Seconds | None = Field(default=None, ge=0)
+    shadow_percent: float = Field(default=100, gt=0, le=100)  # of primary traffic mirrored
+
+
+class Rollout(_Strict):
+    """A progressive delivery of `candidate` to a service, run by the rollout controller."""
+
+    candidate: Target
+    shadow_first: Seconds | None = Field(default=None, gt=0)
+    steps: list[Step] = Field(min_length=1)
+    analysis: Analysis = Field(default_factory=Analysis)
+    on_success: Literal["promote", "pause"] = "promote"
+    on_failure: Literal["rollback", "pause"] = "rollback"
+    interval: Seconds = Field(default=5, gt=0)  # how often the controller looks
+
+    @field_validator("candidate", mode="before")
+    @classmethod
+    def _candidate_text(cls, value: object) -> object:
+        if isinstance(value, str):
+            model, _, version = value.partition(":")
+            if not version:
+                raise ValueError("candidate is 'model:version' (a version number or alias)")
+            return {"model": model, "version": version}
+        return value
+
+    @field_validator("candidate")
+    @classmethod
+    def _candidate_version(cls, value: Target) -> Target:
+        if not value.version:
+            raise ValueError("candidate needs a version (a number or an alias)")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _rising(cls, steps: list[Step]) -> list[Step]:
+        for i in range(1, len(steps)):
+            if steps[i].weight <= steps[i - 1].weight:
+                raise ValueError(
+                    f"step {i} weight {steps[i].weight:g} does not rise above step {i - 1}'s "
+                    f"{steps[i - 1].weight:g}"
+                )
+        return steps
+
+
 class Service(_Strict):
     routes: list[Route] = Field(min_length=1)
     match: list[Match] = Field(default_factory=list)
@@ -208,6 +303,7 @@ class Service(_Strict):
     fallback: Fallback | None = None
     cache: Cache | None = None
     audit: ServiceAudit | None = None
+    rollout: Rollout | None = None
 
     @model_validator(mode="after")
     def _weights(self) -> Service:
@@ -276,6 +372,8 @@ class Policy(_Strict):
                 found.append((f"service '{name}' shadow", s.shadow))
             if s.fallback is not None and (t := s.fallback.target()) is not None:
                 found.append((f"service '{name}' fallback", t))
+            if s.rollout is not None:
+                found.append((f"service '{name}' rollout candidate", s.rollout.candidate))
         return found
 
 

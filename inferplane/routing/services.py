@@ -116,6 +116,9 @@ class Services:
         self.breakers: dict[tuple[str, str], CircuitBreaker] = {}
         self._shadow_tasks: set[asyncio.Task[None]] = set()
         self._shadow_inflight: dict[str, int] = {}
+        # (service, arm, model, version) -> (ok counter, latency histogram): the hot path's
+        # children, looked up once instead of through labels() on every call
+        self._arm_children: dict[tuple[str, str, str, str], tuple[Any, Any]] = {}
 
     # policy ------------------------------------------------------------------------------
     def apply(self, policy: Policy, source: str = "services file") -> None:
@@ -159,16 +162,24 @@ class Services:
         service = self.compiled[name]
         target, decision, timeout_ms = service.choose(ctx)
         key = input_key(inputs) if service.cache is not None else None
+        started = time.perf_counter()
+        lv: LoadedVersion | None = None
         try:
-            routed = await self._attempt(
-                service, target, decision, timeout_ms, inputs, outputs, ctx
-            )
+            lv, _ = self.router.resolve(target.model, target.version)
+            routed = await self._attempt(service, lv, decision, timeout_ms, inputs, outputs, ctx)
         except InferplaneError as exc:
             if isinstance(exc, _CALLER_FAULTS):
+                self._arm_outcome(service, decision, lv, target, "rejected")
                 raise
-            routed = await self._recover(service, key, inputs, outputs, ctx, exc, depth)
+            try:
+                routed = await self._recover(service, key, inputs, outputs, ctx, exc, depth)
+            except InferplaneError:
+                self._arm_outcome(service, decision, lv, target, "error")
+                raise
+            self._arm_outcome(service, decision, lv, target, "recovered")
             self._count(service, routed)
             return routed
+        self._arm_ok(service, decision, lv, time.perf_counter() - started)
         if key is not None and service.cache is not None:
             service.cache.put(key, routed.model, routed.version, routed.outputs)
         self._count(service, routed)
@@ -180,14 +191,13 @@ class Services:
     async def _attempt(
         self,
         service: CompiledService,
-        target: Target,
+        lv: LoadedVersion,
         decision: str,
         timeout_ms: float | None,
         inputs: Mapping[str, np.ndarray],
         outputs: Sequence[str] | None,
         ctx: RequestContext,
     ) -> Routed:
-        lv, _ = self.router.resolve(target.model, target.version)
         spec = service.spec
         breaker = self._breaker(lv, service) if spec.breaker is not None else None
         retries = spec.retries
@@ -243,8 +253,9 @@ class Services:
                 else:
                     target = fallback.target()
                     assert target is not None
+                    lv, _ = self.router.resolve(target.model, target.version)
                     routed = await self._attempt(
-                        service, target, "fallback", None, inputs, outputs, ctx
+                        service, lv, "fallback", None, inputs, outputs, ctx
                     )
                 self._fallback_metric(service, "fallback", reason)
                 return routed
@@ -314,6 +325,10 @@ class Services:
         try:
             lv, _ = self.router.resolve(shadow.model, shadow.version)
             model, version = lv.name, lv.version
+            if (model, version) == (primary.model, primary.version):
+                # The caller was answered by the shadow's own version (a rollout's canary arm
+                # while the shadow mirrors the rest): comparing it with itself says nothing.
+                return
             if shadow_ctx.span is not None:
                 shadow_ctx.span.set_attribute("inferplane.model", model)
                 shadow_ctx.span.set_attribute("inferplane.model_version", version)
@@ -374,6 +389,36 @@ class Services:
     def breaker_state(self, model: str, version: str) -> BreakerState:
         breaker = self.breakers.get((model, version))
         return BreakerState.CLOSED if breaker is None else breaker.state
+
+    def _arm_ok(
+        self, service: CompiledService, arm: str, lv: LoadedVersion, seconds: float
+    ) -> None:
+        if self.metrics is None:
+            return
+        key = (service.name, arm, lv.name, lv.version)
+        children = self._arm_children.get(key)
+        if children is None:
+            m = self.metrics
+            children = self._arm_children[key] = (
+                m.service_requests.labels(*key, "ok"),
+                m.service_latency.labels(*key),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def _arm_outcome(
+        self,
+        service: CompiledService,
+        arm: str,
+        lv: LoadedVersion | None,
+        target: Target,
+        outcome: str,
+    ) -> None:
+        if self.metrics is None:
+            return
+        # A version that could not even be resolved is named as the policy names it.
+        model, version = (lv.name, lv.version) if lv is not None else (target.model, "")
+        self.metrics.service_requests.labels(service.name, arm, model, version, outcome).inc()
 
     def _count(self, service: CompiledService, routed: Routed) -> None:
         if self.metrics is not None:

@@ -398,7 +398,7 @@ def test_an_old_database_without_the_principal_column_keeps_working(tmp_path: Pa
         log.record(rec("after", time=now, principal="key:ci"))
     with sqlite3.connect(db) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(audit)")]
-        assert columns[-2:] == ["principal", "trace_id"] and columns.count("principal") == 1
+        assert columns[-3:] == ["principal", "trace_id", "kind"] and columns.count("principal") == 1
         assert conn.execute("SELECT count(*) FROM audit").fetchone() == (2,)
     conn.close()
     assert [(r.request_id, r.principal) for r in query(str(db))] == [

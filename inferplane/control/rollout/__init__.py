@@ -1,0 +1,1 @@
+"""Progressive delivery: the rollout controller, its figures, analysis and state."""
