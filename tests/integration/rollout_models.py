@@ -95,13 +95,15 @@ def _body() -> dict[str, object]:
 
 
 @contextmanager
-def load(url: str, services: list[str], threads: int = 4) -> Iterator[Load]:
-    """Callers calling each of `services` in turn until the block ends."""
+def load(url: str | list[str], services: list[str], threads: int = 4) -> Iterator[Load]:
+    """Callers calling each of `services` in turn until the block ends; with several URLs
+    (replicas), the callers are spread over them as a load balancer would."""
+    urls = [url] if isinstance(url, str) else url
     found = Load({s: [] for s in services})
     stop = threading.Event()
 
     def caller(offset: int) -> None:
-        with httpx.Client(base_url=url, timeout=10) as client:
+        with httpx.Client(base_url=urls[offset % len(urls)], timeout=10) as client:
             i = offset
             while not stop.is_set():
                 service = services[i % len(services)]
