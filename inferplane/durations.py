@@ -31,4 +31,3 @@ def parse_duration(value: str | float | int) -> float:
     if not math.isfinite(seconds) or seconds < 0:
         raise ValueError(f"{value!r} is not a duration: it must be finite and not negative")
     return seconds
-

@@ -349,7 +349,7 @@ class RolloutController:
                     "shadow": total.shadow.copies,
                 },
                 "errors": {"primary": total.primary.errors, "candidate": total.candidate.errors},
-                "checks": list(state.checks),
+                "checks": [dict(c) for c in state.checks],  # no YAML anchors in the file
             }
         )
 
