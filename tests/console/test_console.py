@@ -387,3 +387,66 @@ def test_with_auth_the_data_refuses_and_the_page_asks_for_a_key(
         assert severe(d, allowed=lambda m: any(code in m for code in REFUSED)) == []
     finally:
         d.quit()
+
+
+# --- a rollout in progress --------------------------------------------------------------------
+
+ROLLOUT = """
+services:
+  steady:
+    routes: [{target: "reco:1", weight: 100}]
+    rollout:
+      candidate: "reco:2"
+      shadow_first: 1s
+      steps: [{weight: 10, hold: 1s}, {weight: 30, hold: 10m}, {weight: 60, hold: 10m}]
+      analysis: {min_requests: 20, max_wait: 60s}
+      interval: 0.3s
+"""
+
+
+def test_a_rollout_shows_its_stages_weight_and_state_live(chrome_ok: None, tmp_path: Path) -> None:
+    from tests.integration.rollout_models import build_reco, load
+
+    repo = tmp_path / "models"
+    repo.mkdir()
+    build_reco(repo)
+    services = tmp_path / "services.yaml"
+    services.write_text(ROLLOUT)
+    srv = start_server(repo, tmp_path, "--services", str(services), grpc=False)
+    driver = browser(DESKTOP)
+    card = '#services .service[data-service="steady"]'
+    try:
+        with load(srv.url, ["steady"], threads=2):
+            driver.get(srv.url + "/console")
+            next_poll(driver)
+            wait_for(
+                lambda: attr(driver, f'{card} [data-stage="step 2"]', "data-state") == "current",
+                timeout=60, what="the rollout at its second step",
+            )  # fmt: skip
+            assert attr(driver, f'{card} [data-stage="shadow phase"]', "data-state") == "pass"
+            assert text(driver, f'{card} [data-stage="step 1"]') == "10% ✓"
+            assert text(driver, f'{card} [data-stage="step 2"]') == "30% ●"
+            assert attr(driver, f'{card} [data-stage="step 3"]', "data-state") == "pending"
+            assert text(driver, f"{card} [data-field=rollout-weight]").startswith("reco:2 at 30%")
+            assert "rollout running" in text(driver, f"{card} h3")
+            assert "holding" in text(driver, f"{card} [data-field=rollout-reason]")
+            # The split bar follows the weights the controller wrote.
+            wait_for(
+                lambda: (
+                    attr(driver, f'{card} .split span[data-route="canary"]', "data-weight") == "30"
+                ),
+                what="the 70/30 split",
+            )
+            done = subprocess.run(
+                [sys.executable, "-m", "inferplane", "rollout", "pause", "steady",
+                 "-r", str(repo), "--wait", "10"],
+                capture_output=True, text=True, cwd=ROOT, timeout=60,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stdout + done.stderr
+            wait_for(
+                lambda: "rollout paused" in text(driver, f"{card} h3"), what="the paused badge"
+            )
+        assert severe(driver) == []
+    finally:
+        driver.quit()
+        srv.stop()

@@ -208,6 +208,7 @@
   // -- state ----------------------------------------------------------------------------------
   const configs = new Map(); // "model/version" -> {runtime, device, instances} | {error}
   let metricsMap = null;
+  let rollouts = null; // service -> GET /inferplane/rollouts summary; null: not readable
   let ticks = 0;
   let auditQuery = null; // null: recent records; else {request_id, service, model}
 
@@ -283,13 +284,36 @@
     if (!state) return "–";
     return badge(state, state === "closed" ? "ok" : state === "open" ? "bad" : "warn");
   }
-  function rolloutText(rollout) {
-    if (!rollout) return "no rollout";
-    if (typeof rollout !== "object") return `rollout: ${rollout}`;
-    const parts = ["stage", "state", "step", "progress", "weight", "target"]
-      .filter((k) => rollout[k] !== undefined)
-      .map((k) => `${k} ${typeof rollout[k] === "object" ? JSON.stringify(rollout[k]) : rollout[k]}`);
-    return `rollout: ${parts.join(" · ") || JSON.stringify(rollout)}`;
+  const ROLLOUT_KIND = { running: "warn", paused: "warn", promoted: "ok", rolled_back: "bad", aborted: "bad" };
+  // The rollout's badge for the card's title: its live state, else what the policy declares.
+  function rolloutBadge(name, spec) {
+    const live = rollouts && rollouts.get(name);
+    if (live) return badge(`rollout ${live.status.replace("_", " ")}`, ROLLOUT_KIND[live.status] || "");
+    if (spec && spec.rollout) return badge(rollouts ? "rollout declared, not started" : "rollout declared", "warn");
+    return badge("no rollout", "");
+  }
+  // Stages as chips (shadow, each step's weight) marked passed, failed or current, then the
+  // candidate's share and the controller's last reason.
+  function rolloutView(name) {
+    const live = rollouts && rollouts.get(name);
+    if (!live) return null;
+    const verdicts = new Map((live.history || []).map((x) => [x.phase, x.verdict]));
+    const open = live.status === "running" || live.status === "paused";
+    const chip = (label, key, current) => {
+      const verdict = verdicts.get(key);
+      const state = verdict || (current && open ? "current" : "pending");
+      const mark = verdict === "pass" ? " ✓" : verdict === "fail" ? " ✗" : state === "current" ? " ●" : "";
+      return h("span", { class: `stage ${state}`, "data-stage": key, "data-state": state }, label + mark);
+    };
+    const chips = [];
+    if (verdicts.has("shadow phase") || live.phase === "shadow") chips.push(chip("shadow", "shadow phase", live.phase === "shadow"));
+    (live.steps || []).forEach((w, i) => chips.push(chip(`${w}%`, `step ${i + 1}`, live.phase === "step" && live.step === i)));
+    return h("div", { class: "rollout", "data-rollout": live.status },
+      h("div", { class: "stages" }, ...chips,
+        h("span", { class: "muted small", "data-field": "rollout-weight" },
+          `${live.candidate} at ${live.weight}% · against ${live.primary}`)),
+      live.reason ? h("div", { class: "muted small", "data-field": "rollout-reason" }, live.reason) : null,
+    );
   }
 
   function routeCounts(service) {
@@ -392,10 +416,10 @@
       if (spec.retries) facts.push(["retries", `${spec.retries.attempts}`]);
       if (spec.breaker) facts.push(["breaker", `${spec.breaker.consecutive_failures} failures or ${Math.round(spec.breaker.error_rate * 100)}% of ${spec.breaker.window}, ${spec.breaker.cooldown_s} s cooldown`]);
     }
-    const rollout = spec ? spec.rollout : undefined;
     return h("div", { class: "service", "data-service": name },
-      h("h3", {}, name, badge(rolloutText(rollout), rollout ? "warn" : ""),
+      h("h3", {}, name, rolloutBadge(name, spec),
         h("span", { class: "muted small", "data-field": "calls-recent" }, `${count(recentAll)} calls in the last ${Math.round(win)} s`)),
+      rolloutView(name),
       split.length ? h("div", { class: "split", title: "configured weights" }, split) : null,
       h("div", { class: "scroll" }, h("table", { class: "rows" },
         h("thead", {}, h("tr", {}, ["route", "target", "resolves to", "weight", "live", "calls", "breaker"]
@@ -612,12 +636,18 @@
     clearTimeout(timer);
     const started = Date.now();
     try {
-      const [models, metrics, services, audit] = await Promise.allSettled([
+      const [models, metrics, services, audit, live] = await Promise.allSettled([
         get("/inferplane/models"),
         get("/metrics", "text"),
         get("/inferplane/services"),
         get(auditPath()),
+        get("/inferplane/rollouts"),
       ]);
+      // Rollouts need the read scope on every service; without it the cards say only what
+      // the policy declares.
+      rollouts = live.status === "fulfilled"
+        ? new Map((live.value.rollouts || []).map((r) => [r.service, r]))
+        : null;
       if (metrics.status === "fulfilled") {
         metricsMap = parseMetrics(metrics.value);
         remember(flatten(metricsMap), Date.now());
