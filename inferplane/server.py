@@ -214,7 +214,7 @@ async def _run_rollouts(deps: ServingDeps, controller: RolloutController) -> Non
                 await deps.manager.refresh()
                 if deps.policy is not None:
                     await asyncio.to_thread(deps.policy.load_logged)
-            interval = await asyncio.to_thread(controller.interval)
+            interval = controller.interval()
         except Exception:  # one bad pass must not end every later rollout
             log.exception("rollouts: a controller pass failed")
             interval = 5.0

@@ -95,6 +95,7 @@ class RolloutController:
         self.clock = clock
         self._due: dict[str, float] = {}  # service -> when its next evaluation is due
         self._refused: dict[str, str] = {}  # service -> the start problem logged (once)
+        self._interval = 5.0
 
     # the pass ---------------------------------------------------------------------------
     def tick(self) -> list[RolloutState]:
@@ -102,6 +103,10 @@ class RolloutController:
         current = self._read_services()
         if current is None:
             return []
+        self._interval = min(
+            (s.rollout.interval for s in current.policy.services.values() if s.rollout),
+            default=5.0,
+        )
         now = self.clock()
         states: list[RolloutState] = []
         seen: set[str] = set()
@@ -125,14 +130,9 @@ class RolloutController:
         return states
 
     def interval(self) -> float:
-        """How often tick() has work: the shortest interval among the rollouts declared."""
-        current = self._read_services()
-        found = [
-            s.rollout.interval
-            for s in (current.policy.services.values() if current else [])
-            if s.rollout
-        ]
-        return min(found, default=5.0)
+        """How often tick() has work: the shortest interval among the rollouts the last pass
+        read (5 s when there were none)."""
+        return self._interval
 
     def _advance(
         self, name: str, spec: Service, rollout: Rollout, current: _ServicesFile, now: float
