@@ -28,6 +28,7 @@ TREES = [
     DEPLOY / "k8s" / "monitoring",
     DEPLOY / "k8s" / "kserve",
     DEPLOY / "k8s" / "gpu",
+    DEPLOY / "k8s" / "rollouts",
     DEPLOY / "gitops",
     DEPLOY / "batch",
 ]
@@ -176,12 +177,14 @@ def _containers(docs: list[dict]) -> list[dict]:
     return found
 
 
-@pytest.mark.parametrize("tree", ["base", "stream-kafka", "stream-redis", "kserve"])
+@pytest.mark.parametrize("tree", ["base", "stream-kafka", "stream-redis", "kserve", "rollouts"])
 def test_manifests_use_only_flags_the_cli_has(tree: str) -> None:
     (container,) = _containers(_render(DEPLOY / "k8s" / tree))
     command, *args = container["args"]
+    if args and not args[0].startswith("-"):  # a subcommand: `rollout run`
+        command, args = f"{command} {args[0]}", args[1:]
     help_text = subprocess.run(
-        [sys.executable, "-m", "inferplane", command, "--help"],
+        [sys.executable, "-m", "inferplane", *command.split(), "--help"],
         capture_output=True, text=True, timeout=60, env={"COLUMNS": "200", "PATH": ""},
     ).stdout  # fmt: skip
     for flag in _flags(args):
