@@ -119,6 +119,21 @@ def serve(
             "on its replicas and runs one `inferplane rollout run`."
         ),
     ] = True,
+    stream_metrics: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stream-metrics",
+            help="A stream worker's /metrics URL (inferplane stream --metrics-port): the "
+            "console shows its lag and throughput. Repeat for each worker.",
+        ),
+    ] = None,
+    prometheus: Annotated[
+        str | None,
+        typer.Option(
+            help="A Prometheus that scrapes the stream workers: the console reads their lag "
+            "from it (instead of --stream-metrics)."
+        ),
+    ] = None,
     drain_seconds: Annotated[
         float,
         typer.Option(
@@ -294,6 +309,8 @@ def serve(
             watch=watch,
             watch_interval_s=watch_interval,
             rollouts=rollouts,
+            stream_metrics=list(stream_metrics or []),
+            prometheus=prometheus,
             drain_seconds=drain_seconds,
             audit_sink=None if audit_sink.lower() in ("", "none", "off") else audit_sink,
             busy_poll_us=busy_poll_us,

@@ -23,6 +23,7 @@ from inferplane.console import routes as console_routes
 from inferplane.edge.gate import Edge
 from inferplane.engine.residency import ResidencyOptions
 from inferplane.observability import tracing
+from inferplane.observability.stream_view import StreamView
 from inferplane.observability.tracing import TraceSettings
 from inferplane.predictor import build_in_process
 from inferplane.protocols import (
@@ -30,6 +31,7 @@ from inferplane.protocols import (
     models_rest,
     rollouts_rest,
     services_rest,
+    streams_rest,
     v1_rest,
     v2_rest,
 )
@@ -83,6 +85,10 @@ class ServerSettings:
     cache_size: int | None = None  # bytes the cache is trimmed to (LRU); None: no limit
     traces: TraceSettings | None = None  # OpenTelemetry export (docs/observability.md); None: off
     rollouts: bool = True  # run the rollout controller in this process (docs/rollouts.md)
+    # where the console's stream view reads workers' figures: their /metrics pages, or a
+    # Prometheus that scrapes them (docs/observability.md, "Console")
+    stream_metrics: list[str] = field(default_factory=list)
+    prometheus: str | None = None
 
 
 def build_deps(settings: ServerSettings) -> ServingDeps:
@@ -123,6 +129,7 @@ def build_deps(settings: ServerSettings) -> ServingDeps:
         busy_poll=BusyPoll(settings.busy_poll_us, manager.metrics.busy_poll_seconds),
         edge=Edge(settings.access, metrics=manager.metrics) if settings.access else None,
         rollouts=rollouts,
+        streams=StreamView(settings.stream_metrics, settings.prometheus),
     )
 
 
@@ -149,6 +156,7 @@ def build_app(deps: ServingDeps) -> InferEndpoint:
         + models_rest.build_routes(deps)
         + audit_rest.build_routes(deps)
         + rollouts_rest.build_routes(deps)
+        + streams_rest.build_routes(deps)
         + console_routes.build_routes(deps)
     )
     return InferEndpoint(

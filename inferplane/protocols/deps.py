@@ -14,6 +14,7 @@ from inferplane.protocols.busy_poll import BusyPoll
 if TYPE_CHECKING:
     from inferplane.control.rollout.controller import RolloutController
     from inferplane.edge.gate import Edge
+    from inferplane.observability.stream_view import StreamView
     from inferplane.routing.policy_source import PolicySource
 
 DEFAULT_MAX_PAYLOAD = 64 * 1024 * 1024
@@ -36,3 +37,6 @@ class ServingDeps:
     edge: Edge | None = None  # authentication, authorization, quotas; None: open (no --access)
     # the rollout controller in this process (serve --rollouts, the default); None: off
     rollouts: RolloutController | None = None
+    # where GET /inferplane/streams reads the stream workers' figures (--stream-metrics,
+    # --prometheus); None or not configured: the console says where lag lives instead
+    streams: StreamView | None = None

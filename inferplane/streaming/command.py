@@ -216,6 +216,7 @@ async def _run(
         signature = await predictor.signature(settings.target, settings.version)
         decoder = Decoder(signature, mapping, id_field=settings.id_field, time_field=time_field)
         metrics = StreamMetrics()
+        metrics.info.labels(src.name, group, consumer, settings.target).set(1)
         if metrics_port:
             metrics.serve(metrics_port, metrics_host)
         worker = StreamWorker(predictor, decoder, src, out, dead, settings, metrics)

@@ -55,6 +55,13 @@ class StreamMetrics:
             buckets=_LAG_BUCKETS,
             registry=r,
         )
+        self.info = Gauge(
+            "inferplane_stream_info",
+            "1, labelled with what this worker consumes: the source (broker:stream), group, "
+            "consumer name and target (the console's stream view names workers by it).",
+            ["source", "group", "consumer", "target"],
+            registry=r,
+        )
         self.batch_size = Histogram(
             "inferplane_stream_batch_size",
             "Events per micro-batch.",

@@ -29,6 +29,7 @@ from tests.console.harness import (
     severe,
     wait_for,
 )
+from tests.integration.brokers import redis_server  # noqa: F401 - the fixture
 from tests.integration.servers import ROOT, ServerProcess, start_server
 
 EXAMPLE_MODELS = {
@@ -316,7 +317,8 @@ def guarded(
     srv.stop()
 
 
-DATA = ("/inferplane/models", "/metrics", "/inferplane/services", "/inferplane/audit")
+DATA = ("/inferplane/models", "/metrics", "/inferplane/services", "/inferplane/audit",
+        "/inferplane/rollouts", "/inferplane/streams")  # fmt: skip
 
 
 def test_with_auth_the_data_refuses_and_the_page_asks_for_a_key(
@@ -331,6 +333,8 @@ def test_with_auth_the_data_refuses_and_the_page_asks_for_a_key(
         reader = {"authorization": f"Bearer {keys['reader']}"}
         assert c.get("/inferplane/models", headers=reader).status_code == 200
         assert c.get("/metrics", headers=reader).status_code == 200
+        assert c.get("/inferplane/rollouts", headers=reader).json() == {"rollouts": []}
+        assert c.get("/inferplane/streams", headers=reader).json()["workers"] == []
         for path in ("/inferplane/services", "/inferplane/audit"):  # admin: every tenant's data
             r = c.get(path, headers=reader)
             assert r.status_code == 403 and "admin" in r.json()["error"], path
@@ -450,3 +454,46 @@ def test_a_rollout_shows_its_stages_weight_and_state_live(chrome_ok: None, tmp_p
     finally:
         driver.quit()
         srv.stop()
+
+
+# --- stream workers ------------------------------------------------------------------------------
+
+
+def test_stream_workers_show_their_lag_and_counts(
+    chrome_ok: None,
+    examples: Path,
+    redis_server: Any,  # noqa: F811 - the fixture imported above
+    tmp_path: Path,
+) -> None:
+    from tests.conftest import free_port
+    from tests.integration.streaming.harness import redis_fill, rows, start_worker, unique
+
+    client, base = redis_server.client(), unique("console")
+    redis_fill(client, f"{base}-in", [{"data": f'{{"id": "e{i}", "features": {r}}}'}
+                                      for i, r in enumerate(rows(50))])  # fmt: skip
+    port, dead = free_port(), free_port()
+    worker = start_worker(
+        ["--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
+         "--dlq", redis_server.url(f"{base}-dlq"), "--group", "scorers", "--consumer", "w-console",
+         "--service", "tabular", "--repository", str(examples), "-m", "tabular",
+         "--metrics-port", str(port)],
+        tmp_path,
+    )  # fmt: skip
+    srv = start_server(examples, tmp_path, "--stream-metrics", f"http://127.0.0.1:{port}/metrics",
+                       "--stream-metrics", f"http://127.0.0.1:{dead}/metrics", grpc=False)  # fmt: skip
+    driver = browser(DESKTOP)
+    row = '#streams tr[data-worker="w-console"]'
+    try:
+        driver.get(srv.url + "/console")
+        wait_for(lambda: text(driver, f"{row} [data-field=events-out]") == "50", timeout=60,
+                 what="the worker's 50 events out")  # fmt: skip
+        assert text(driver, f"{row} [data-field=source]") == f"redis:{base}-in"
+        assert text(driver, f"{row} [data-field=group]") == "scorers"
+        assert text(driver, f"{row} [data-field=events-dlq]") == "0"
+        assert text(driver, '#streams tr[data-up="false"] [data-field=lag]') == "down"
+        assert "from the workers' /metrics pages" in text(driver, "#streams")
+        assert severe(driver) == []
+    finally:
+        driver.quit()
+        srv.stop()
+        assert worker.stop() == 0, worker.log()

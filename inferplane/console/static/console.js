@@ -578,21 +578,47 @@
   }
 
   // -- streams --------------------------------------------------------------------------------
-  function renderStreams() {
+  // Stream workers report on their own metrics port; the server reads them (or Prometheus)
+  // when started with --stream-metrics URL or --prometheus URL: GET /inferplane/streams.
+  function renderStreams(result) {
     const box = $("streams");
-    const found = STREAM_METRICS.flatMap((name) =>
-      ((metricsMap && metricsMap.get(name)) || []).map((s) => ({ name, ...s })));
-    if (!found.length) {
+    if (result.status === "rejected") {
+      box.replaceChildren(h("p", { class: "muted", "data-field": "stream-lag" },
+        refusal(result.reason, "the read scope on every model", "/inferplane/streams")));
+      return;
+    }
+    const view = result.value;
+    if (!view.from) {
       box.replaceChildren(
         h("p", { "data-field": "stream-lag" }, "stream lag: see Prometheus / dashboard. ",
-          h("span", { class: "muted" }, "Stream workers (inferplane stream --metrics-port N) report lag on their own metrics port, not this server's /metrics:")),
+          h("span", { class: "muted" }, "Stream workers (inferplane stream --metrics-port N) report lag on their own metrics port; start the server with --stream-metrics URL (each worker's /metrics) or --prometheus URL to see them here. Their series:")),
         h("ul", {}, STREAM_METRICS.map((m) => h("li", {}, h("code", {}, m)))),
       );
       return;
     }
-    box.replaceChildren(h("table", {}, h("tbody", {}, found.map((s) =>
-      h("tr", {}, td("metric", h("code", {}, s.name)), td("labels", Object.entries(s.labels).map(([k, v]) => `${k}=${v}`).join(" ") || "–"),
-        td("value", s.name.endsWith("seconds") ? seconds(s.value) : count(s.value), "num"))))));
+    const num = (v) => (v === null || v === undefined ? "–" : count(v));
+    const rows = view.workers.map((w) => h("tr", { "data-worker": w.consumer || w.instance, "data-up": String(w.up) },
+      td("worker", w.consumer || w.instance, "mono", "worker"),
+      td("source", w.source || "–", "mono", "source"),
+      td("group", w.group || "–", null, "group"),
+      td("target", w.target || "–", "mono", "target"),
+      td("lag", w.up ? num(w.lag) : badge("down", "bad"), "num", "lag"),
+      td("lag (s)", w.up ? seconds(w.lag_seconds) : "–", "num", "lag-seconds"),
+      td("in", num(w.events_in), "num", "events-in"),
+      td("out", num(w.events_out), "num", "events-out"),
+      td("dead letters", num(w.events_dlq), "num", "events-dlq"),
+    ));
+    if (!rows.length) rows.push(h("tr", {}, h("td", { colspan: 9, class: "empty" }, "no stream workers reporting")));
+    const failed = view.workers.filter((w) => !w.up).map((w) => w.error);
+    box.replaceChildren(
+      h("p", { class: "muted small", "data-field": "streams-from" }, `from ${view.from}`),
+      view.error ? h("p", { class: "muted", "data-field": "streams-error" }, view.error) : null,
+      h("div", { class: "scroll" }, h("table", { class: "rows" },
+        h("thead", {}, h("tr", {}, ["worker", "source", "group", "target", "lag", "lag (s)", "in", "out", "dead letters"]
+          .map((t, i) => h("th", { class: i >= 4 ? "num" : null }, t)))),
+        h("tbody", {}, rows))),
+      failed.length ? h("p", { class: "muted small" }, failed.join("; ")) : null,
+    );
   }
 
   // -- the poll -------------------------------------------------------------------------------
@@ -636,12 +662,13 @@
     clearTimeout(timer);
     const started = Date.now();
     try {
-      const [models, metrics, services, audit, live] = await Promise.allSettled([
+      const [models, metrics, services, audit, live, streams] = await Promise.allSettled([
         get("/inferplane/models"),
         get("/metrics", "text"),
         get("/inferplane/services"),
         get(auditPath()),
         get("/inferplane/rollouts"),
+        get("/inferplane/streams"),
       ]);
       // Rollouts need the read scope on every service; without it the cards say only what
       // the policy declares.
@@ -657,7 +684,7 @@
       if (metrics.status === "fulfilled") renderLatency(metrics);
       else renderLatency(metrics);
       renderAudit(audit);
-      renderStreams();
+      renderStreams(streams);
       const failed = [models, metrics, services, audit].filter((r) => r.status === "rejected").map((r) => r.reason);
       showAuth([models, metrics, services, audit].map((r) => (r.status === "rejected" ? r.reason : null)));
       const down = failed.length && failed.every((e) => !e.status);

@@ -16,10 +16,10 @@ from typing import Any, Protocol
 
 import httpx
 from prometheus_client import CollectorRegistry
-from prometheus_client.parser import text_string_to_metric_families
 
 from inferplane.errors import Unavailable
 from inferplane.observability.metrics import ARM_BUCKETS
+from inferplane.observability.prom_read import Sample, instant_query, quote, scrape
 
 _SERVICE = "inferplane_service_requests_total"
 _LATENCY = "inferplane_service_request_duration_seconds_bucket"
@@ -151,10 +151,6 @@ class Arms:
     candidate: tuple[str, str]
 
 
-# (metric sample name, labels, value)
-Sample = tuple[str, Mapping[str, str], float]
-
-
 def counts_from_samples(samples: Iterable[Sample], arms: Arms, instance: str) -> dict[str, Counts]:
     """Counts per instance (the `instance` label where samples carry one, else `instance`)."""
     found: dict[str, Counts] = {}
@@ -253,16 +249,10 @@ class ScrapeSource:
         with httpx.Client(timeout=5.0, headers=self.headers) as client:
             for url in self.urls:
                 try:
-                    response = client.get(url)
-                    response.raise_for_status()
-                except httpx.HTTPError as exc:
-                    problems.append(f"{url}: {exc}")
+                    samples = scrape(client, url)
+                except Unavailable as exc:
+                    problems.append(exc.message)
                     continue
-                samples = (
-                    (s.name, s.labels, s.value)
-                    for family in text_string_to_metric_families(response.text)
-                    for s in family.samples
-                )
                 found[url] = counts_from_samples(samples, arms, url).get(url, Counts())
         if problems and not found:
             raise Unavailable("no metrics could be read: " + "; ".join(problems))
@@ -279,7 +269,7 @@ class PrometheusSource:
 
     def read(self, arms: Arms) -> dict[str, Counts]:
         extra = f",{self.selector}" if self.selector else ""
-        service = f'service="{_quote(arms.service)}"'
+        service = f'service="{quote(arms.service)}"'
         queries = [
             (_SERVICE, f"sum by (instance, model, version, outcome, arm) ({_SERVICE}{{{service}{extra}}})"),
             (_LATENCY, f"sum by (instance, model, version, le, arm) ({_LATENCY}{{{service}{extra}}})"),
@@ -291,24 +281,12 @@ class PrometheusSource:
         samples: list[Sample] = []
         with httpx.Client(timeout=10.0) as client:
             for name, promql in queries:
-                try:
-                    response = client.get(f"{self.url}/api/v1/query", params={"query": promql})
-                    response.raise_for_status()
-                    body = response.json()
-                except (httpx.HTTPError, ValueError) as exc:
-                    raise Unavailable(f"{self.description}: {exc}") from None
-                if body.get("status") != "success":
-                    raise Unavailable(f"{self.description}: {body.get('error', body)}")
-                for item in body["data"]["result"]:
-                    labels = {**item["metric"]}
+                for _, labels, value in instant_query(client, self.url, promql):
+                    labels = dict(labels)
                     if name != _START:
                         labels["service"] = arms.service
-                    samples.append((name, labels, float(item["value"][1])))
+                    samples.append((name, labels, value))  # sum by () drops the name
         return counts_from_samples(samples, arms, self.url)
-
-
-def _quote(value: str) -> str:
-    return value.replace("\\", "\\\\").replace('"', '\\"')
 
 
 @dataclass(slots=True)
