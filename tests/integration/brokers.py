@@ -33,7 +33,8 @@ def _wait_tcp(port: int, proc: subprocess.Popen[bytes], log: Path, what: str) ->
     pytest.fail(f"{what} did not listen on 127.0.0.1:{port} within 30 s")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL after 10 s."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -64,7 +65,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         _wait_tcp(port, proc, log, "redis-server")
         yield RedisServer(port)
     finally:
-        _stop(proc)
+        stop_process(proc)
 
 
 def _tansu_binary() -> Path:
@@ -100,4 +101,4 @@ def tansu(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Tansu]:
         _wait_tcp(port, proc, log, "tansu")
         yield Tansu(f"127.0.0.1:{port}")
     finally:
-        _stop(proc)
+        stop_process(proc)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import free_port
+from tests.integration.brokers import stop_process
 
 
 @dataclass
@@ -80,9 +81,4 @@ def prometheus(targets: list[str], folder: Path, interval: str = "500ms") -> Ite
             time.sleep(0.2)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc)

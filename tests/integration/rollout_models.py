@@ -50,6 +50,23 @@ MODEL = textwrap.dedent(
     """
 )
 MODES = {1: "good", 2: "good", 3: "errors", 4: "slow", 5: "labels"}
+MIN_REQUESTS = 60
+# The gates of the rollout tests. max_wait: their callers reach min_requests at a 10 % step in
+# seconds, not in the default two holds (3 s) on a busy 2-core machine.
+ANALYSIS = (
+    f"{{min_requests: {MIN_REQUESTS}, max_error_rate: 0.01, max_error_rate_delta: 0.01, "
+    "max_latency_p95_ratio: 1.5, max_wait: 30s}"
+)
+
+
+def rollout_block(candidate: int, hold: str = "1.5s", interval: str = "0.3s") -> str:
+    """A two-step (10 %, 50 %) rollout of reco:<candidate> with ANALYSIS, as YAML under a
+    service (six spaces in)."""
+    return (
+        f'    rollout:\n      candidate: "reco:{candidate}"\n'
+        f"      steps: [{{weight: 10, hold: {hold}}}, {{weight: 50, hold: {hold}}}]\n"
+        f"      analysis: {ANALYSIS}\n      interval: {interval}\n"
+    )
 
 
 def build_reco(repo: Path) -> Repository:

@@ -12,48 +12,33 @@ import httpx
 import pytest
 import yaml
 
-from tests.integration.rollout_models import build_reco, load, wait_rollout
+from tests.integration.rollout_models import (
+    MIN_REQUESTS,
+    build_reco,
+    load,
+    rollout_block,
+    wait_rollout,
+)
 from tests.integration.servers import ROOT, start_server
 
-# max_wait: the callers of this test reach min_requests at a 10 % step in seconds, not in the
-# default two holds (3 s) on a busy 2-core machine.
-ANALYSIS = (
-    "{min_requests: 60, max_error_rate: 0.01, max_error_rate_delta: 0.01, "
-    "max_latency_p95_ratio: 1.5, max_wait: 30s}"
-)
-POLICY = f"""
-services:
-  healthy:
-    routes: [{{target: "reco:production", weight: 100}}]
-    rollout:
-      candidate: "reco:2"
-      steps: [{{weight: 10, hold: 1.5s}}, {{weight: 50, hold: 1.5s}}]
-      analysis: {ANALYSIS}
-      interval: 0.3s
-  erroring:
-    routes: [{{target: "reco:1", weight: 100}}]
-    rollout:
-      candidate: "reco:3"
-      steps: [{{weight: 10, hold: 1.5s}}, {{weight: 50, hold: 1.5s}}]
-      analysis: {ANALYSIS}
-      interval: 0.3s
-  slow:
-    routes: [{{target: "reco:1", weight: 100}}]
-    rollout:
-      candidate: "reco:4"
-      steps: [{{weight: 10, hold: 1.5s}}, {{weight: 50, hold: 1.5s}}]
-      analysis: {ANALYSIS}
-      interval: 0.3s
-  relabelled:
-    routes: [{{target: "reco:1", weight: 100}}]
+POLICY = (
+    "services:\n"
+    "  healthy:\n"
+    '    routes: [{target: "reco:production", weight: 100}]\n' + rollout_block(2) +
+    "  erroring:\n"
+    '    routes: [{target: "reco:1", weight: 100}]\n' + rollout_block(3) +
+    "  slow:\n"
+    '    routes: [{target: "reco:1", weight: 100}]\n' + rollout_block(4) +
+    """  relabelled:
+    routes: [{target: "reco:1", weight: 100}]
     rollout:
       candidate: "reco:5"
       shadow_first: 2s
-      steps: [{{weight: 10, hold: 1.5s}}]
-      analysis: {{min_requests: 60, max_label_disagreement: 0.02}}
+      steps: [{weight: 10, hold: 1.5s}]
+      analysis: {min_requests: 60, max_label_disagreement: 0.02}
       interval: 0.3s
 """
-MIN_REQUESTS = 60
+)  # fmt: skip
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess[str]:

@@ -15,30 +15,23 @@ import yaml
 
 from inferplane.observability.audit import query
 from tests.integration.prom_server import prometheus
-from tests.integration.rollout_models import build_reco, load, wait_rollout
+from tests.integration.rollout_models import (
+    MIN_REQUESTS,
+    build_reco,
+    load,
+    rollout_block,
+    wait_rollout,
+)
 from tests.integration.servers import ROOT, ServerProcess, start_server
 
-ANALYSIS = (
-    "{min_requests: 60, max_error_rate: 0.01, max_error_rate_delta: 0.01, "
-    "max_latency_p95_ratio: 1.5, max_wait: 30s}"
+POLICY = (
+    "services:\n"
+    "  healthy:\n"
+    '    routes: [{target: "reco:production", weight: 100}]\n'
+    + rollout_block(2, hold="2s", interval="0.5s")
+    + "  erroring:\n"
+    '    routes: [{target: "reco:1", weight: 100}]\n' + rollout_block(3, hold="2s", interval="0.5s")
 )
-POLICY = f"""
-services:
-  healthy:
-    routes: [{{target: "reco:production", weight: 100}}]
-    rollout:
-      candidate: "reco:2"
-      steps: [{{weight: 10, hold: 2s}}, {{weight: 50, hold: 2s}}]
-      analysis: {ANALYSIS}
-      interval: 0.5s
-  erroring:
-    routes: [{{target: "reco:1", weight: 100}}]
-    rollout:
-      candidate: "reco:3"
-      steps: [{{weight: 10, hold: 2s}}, {{weight: 50, hold: 2s}}]
-      analysis: {ANALYSIS}
-      interval: 0.5s
-"""
 
 
 @pytest.mark.parametrize("source", ["prometheus", "metrics"])
@@ -93,7 +86,7 @@ def test_a_fleet_controller_reaches_the_same_verdicts_from_prometheus_or_the_rep
         assert all(a.status == 200 for a in seen.of("healthy"))
         assert erroring["status"] == "rolled_back", (erroring, controller_log.read_text())
         assert "error rate" in erroring["reason"]
-        assert erroring["history"][0]["requests"]["candidate"] >= 60
+        assert erroring["history"][0]["requests"]["candidate"] >= MIN_REQUESTS
         # Both replicas follow what the controller wrote: after the verdicts every answer is
         # the version the service's route names again (production is 2 now for `healthy`).
         late = [a for a in seen.of("erroring") + seen.of("healthy") if a.at > cut]
