@@ -111,6 +111,8 @@ def test_rolling_update_sticky_watch_audit(fleet: dict) -> None:
     assert not missing, f"{len(missing)} of {len(load.request_ids)} answered requests not audited"
     dupes = {k: n for k, n in ids.items() if n > 1 and k in load.request_ids}
     assert not dupes, f"{len(dupes)} request ids audited more than once"
+    print(f"\nfleet: {LOAD_S:g} s, {load.answered} answered, {load.failed} failed, "
+          f"{len(load.request_ids)} audited once each; (port, exit, s): {exits}")  # fmt: skip
 
     # policy watch: weights moved to 100/0 on S3 reach all three replicas
     fh.write_policy(fleet["url"], 100)
