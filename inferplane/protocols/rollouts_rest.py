@@ -12,7 +12,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from inferplane.edge.access import READ
-from inferplane.errors import NotFound
+from inferplane.errors import BadRequest, NotFound
 from inferplane.protocols.deps import ServingDeps
 from inferplane.protocols.v2_rest import EVERY_TARGET, gated, json_response
 
@@ -27,7 +27,11 @@ def build_routes(deps: ServingDeps) -> list[Route]:
         names = [service] if service else store.services()
         found = []
         for name in names:
-            state = store.load(name)
+            try:
+                state = store.load(name)
+            except BadRequest as exc:  # one unreadable state must not hide the others
+                found.append({"service": name, "status": "unreadable", "reason": exc.message})
+                continue
             if state is None:
                 continue
             spec = policy.services.get(name)

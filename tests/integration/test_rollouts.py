@@ -201,6 +201,12 @@ def test_a_restarted_server_resumes_and_a_person_can_pause_resume_and_abort(
         out = _cli("rollout", "status", "--json", "-r", str(repo))
         assert out.returncode == 0, out.stderr
         assert json.loads(out.stdout)[0]["status"] == "aborted"
+        # A state file broken by hand: named in the view, the CLI and the log; nothing guessed.
+        (repo / "rollouts" / "steady.yaml").write_text("status: [unclosed\n")
+        (view,) = httpx.get(f"{srv.url}/inferplane/rollouts").json()["rollouts"]
+        assert view["status"] == "unreadable" and "steady.yaml is not valid YAML" in view["reason"]
+        out = _cli("rollout", "status", "steady", "-r", str(repo))
+        assert out.returncode != 0 and "steady.yaml is not valid YAML" in out.stdout + out.stderr
     finally:
         srv.stop()
 

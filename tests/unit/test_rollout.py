@@ -345,3 +345,25 @@ def test_commands_pause_resume_abort_and_start_again(tmp_path: Path) -> None:
     (state,) = ctl.tick()
     assert (state.status, state.step, state.weight) == ("running", 0, 10)
     assert len(_routes(tmp_path)) == 2
+
+
+def test_an_unreadable_state_stops_that_rollout_only_and_says_which_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ctl, _, clock = _controller(tmp_path, 2)
+    services = tmp_path / "services.yaml"
+    services.write_text(
+        services.read_text() + "  other:\n    routes: [{target: 'reco:1', weight: 100}]\n"
+        "    rollout: {candidate: 'reco:2', steps: [{weight: 10, hold: 60s}]}\n"
+    )
+    ctl.tick()
+    state_file = tmp_path / "models" / "rollouts" / "svc.yaml"
+    state_file.write_text("service: svc\nstatus: [not, closed\n")  # truncated by hand
+    clock.t += 5
+    with caplog.at_level("ERROR", logger="inferplane.rollout"):
+        states = ctl.tick()
+    assert [s.service for s in states] == ["other"]  # the other rollout goes on
+    assert f"{state_file} is not valid YAML" in caplog.text
+    state_file.write_text("service: svc\n")  # YAML, but not a state
+    with pytest.raises(BadRequest, match="is not a rollout state"):
+        StateStore(ctl.repository.url).load("svc")

@@ -284,7 +284,7 @@
     if (!state) return "–";
     return badge(state, state === "closed" ? "ok" : state === "open" ? "bad" : "warn");
   }
-  const ROLLOUT_KIND = { running: "warn", paused: "warn", promoted: "ok", rolled_back: "bad", aborted: "bad" };
+  const ROLLOUT_KIND = { running: "warn", paused: "warn", promoted: "ok", rolled_back: "bad", aborted: "bad", unreadable: "bad" };
   // The rollout's badge for the card's title: its live state, else what the policy declares.
   function rolloutBadge(name, spec) {
     const live = rollouts && rollouts.get(name);
@@ -297,6 +297,10 @@
   function rolloutView(name) {
     const live = rollouts && rollouts.get(name);
     if (!live) return null;
+    if (live.status === "unreadable") {
+      return h("div", { class: "rollout", "data-rollout": live.status },
+        h("div", { class: "muted small", "data-field": "rollout-reason" }, live.reason));
+    }
     const verdicts = new Map((live.history || []).map((x) => [x.phase, x.verdict]));
     const open = live.status === "running" || live.status === "paused";
     const chip = (label, key, current) => {

@@ -114,13 +114,20 @@ class RolloutController:
             if spec.rollout is None:
                 continue
             seen.add(name)
-            state = self._advance(name, spec, spec.rollout, current, now)
+            try:
+                state = self._advance(name, spec, spec.rollout, current, now)
+            except BadRequest as exc:  # its state file is unreadable: the others go on
+                self._refuse(name, f"stopped: {exc.message}; fix or delete the file")
+                continue
             if state is not None:
                 states.append(state)
         for name in self.store.services():  # rollout blocks removed while running: abort
             if name in seen:
                 continue
-            state = self.store.load(name)
+            try:
+                state = self.store.load(name)
+            except BadRequest:
+                continue  # no rollout block and no readable state: nothing to do
             if state is not None and not state.finished and name in current.policy.services:
                 self._finish(state, "aborted", "the rollout block left the services file")
                 self._write_routes(state, current, None)

@@ -17,6 +17,7 @@ import fsspec
 import yaml
 
 from inferplane.control.rollout.figures import Window
+from inferplane.errors import BadRequest
 from inferplane.repository.store import write_text
 
 ROLLOUTS_DIR = "rollouts"
@@ -132,12 +133,25 @@ class StateStore:
         if not self.fs.exists(path):
             return None
         with self.fs.open(path, "rb") as fh:
-            data = yaml.safe_load(fh.read())
+            try:
+                data = yaml.safe_load(fh.read())
+            except yaml.YAMLError as exc:
+                raise BadRequest(f"{path} is not valid YAML: {exc}") from None
         return data if isinstance(data, dict) else None
 
     def load(self, service: str) -> RolloutState | None:
-        data = self._read(self._path(service))
-        return None if data is None else RolloutState.from_data(data)
+        """The state of a service's rollout; None when it has none; BadRequest naming the file
+        when it cannot be read (edited by hand, truncated): nothing guesses a rollout's step."""
+        path = self._path(service)
+        data = self._read(path)
+        if data is None:
+            return None
+        try:
+            return RolloutState.from_data(data)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BadRequest(
+                f"{path} is not a rollout state ({type(exc).__name__}: {exc})"
+            ) from None
 
     def save(self, state: RolloutState) -> None:
         text = yaml.safe_dump(state.to_data(), sort_keys=False, width=100)
