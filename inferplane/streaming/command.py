@@ -74,7 +74,11 @@ def stream_command(
         ),
     ] = None,
     id_field: Annotated[
-        str, typer.Option(help="Event field holding its id; default: the broker's id.")
+        str,
+        typer.Option(
+            help="Event field holding its id; an event without that field is named by its "
+            "broker id (the Redis entry id, the Kafka offset)."
+        ),
     ] = "id",
     time_field: Annotated[
         str | None,
