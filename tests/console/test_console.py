@@ -466,19 +466,11 @@ def test_stream_workers_show_their_lag_and_counts(
     tmp_path: Path,
 ) -> None:
     from tests.conftest import free_port
-    from tests.integration.streaming.harness import redis_fill, rows, start_worker, unique
+    from tests.integration.streaming.harness import reporting_worker, unique
 
-    client, base = redis_server.client(), unique("console")
-    redis_fill(client, f"{base}-in", [{"data": f'{{"id": "e{i}", "features": {r}}}'}
-                                      for i, r in enumerate(rows(50))])  # fmt: skip
+    base = unique("console")
     port, dead = free_port(), free_port()
-    worker = start_worker(
-        ["--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
-         "--dlq", redis_server.url(f"{base}-dlq"), "--group", "scorers", "--consumer", "w-console",
-         "--service", "tabular", "--repository", str(examples), "-m", "tabular",
-         "--metrics-port", str(port)],
-        tmp_path,
-    )  # fmt: skip
+    worker = reporting_worker(redis_server, base, 50, examples, "w-console", port, tmp_path)
     srv = start_server(examples, tmp_path, "--stream-metrics", f"http://127.0.0.1:{port}/metrics",
                        "--stream-metrics", f"http://127.0.0.1:{dead}/metrics", grpc=False)  # fmt: skip
     driver = browser(DESKTOP)

@@ -11,30 +11,15 @@ import httpx
 from tests.conftest import free_port
 from tests.integration.prom_server import prometheus
 from tests.integration.servers import start_server
-from tests.integration.streaming.harness import (
-    RedisServer,
-    redis_fill,
-    rows,
-    start_worker,
-    unique,
-    wait_for,
-)
+from tests.integration.streaming.harness import RedisServer, reporting_worker, unique, wait_for
 
 
 def test_the_server_shows_stream_workers_from_their_pages_and_from_prometheus(
     redis_server: RedisServer, example_build: tuple[Path, Path], tmp_path: Path
 ) -> None:
     client, base = redis_server.client(), unique("view")
-    redis_fill(client, f"{base}-in", [{"data": f'{{"id": "e{i}", "features": {r}}}'}
-                                      for i, r in enumerate(rows(120))])  # fmt: skip
     port, dead = free_port(), free_port()
-    worker = start_worker(
-        ["--source", redis_server.url(f"{base}-in"), "--sink", redis_server.url(f"{base}-out"),
-         "--dlq", redis_server.url(f"{base}-dlq"), "--group", "scorers", "--consumer", "w1",
-         "--service", "tabular", "--repository", str(example_build[0]), "-m", "tabular",
-         "--metrics-port", str(port)],
-        tmp_path,
-    )  # fmt: skip
+    worker = reporting_worker(redis_server, base, 120, example_build[0], "w1", port, tmp_path)
     servers = []
     try:
         wait_for(lambda: client.xlen(f"{base}-out") >= 120, 60, "the events scored", worker)

@@ -196,3 +196,19 @@ class KafkaTail:
 
     def close(self) -> None:
         self.consumer.close()
+
+
+def reporting_worker(
+    redis: RedisServer, base: str, events: int, repo: Path, consumer: str, port: int, log_dir: Path
+) -> WorkerProcess:
+    """`events` tabular events on `<base>-in` and a worker named `consumer` scoring them, its
+    metrics on `port`: what the stream views (GET /inferplane/streams, the console) read."""
+    redis_fill(redis.client(), f"{base}-in", [{"data": f'{{"id": "e{i}", "features": {r}}}'}
+                                              for i, r in enumerate(rows(events))])  # fmt: skip
+    return start_worker(
+        ["--source", redis.url(f"{base}-in"), "--sink", redis.url(f"{base}-out"),
+         "--dlq", redis.url(f"{base}-dlq"), "--group", "scorers", "--consumer", consumer,
+         "--service", "tabular", "--repository", str(repo), "-m", "tabular",
+         "--metrics-port", str(port)],
+        log_dir,
+    )  # fmt: skip
