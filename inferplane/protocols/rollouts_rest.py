@@ -19,10 +19,10 @@ from inferplane.protocols.v2_rest import EVERY_TARGET, gated, json_response
 
 def build_routes(deps: ServingDeps) -> list[Route]:
     def read(service: str | None) -> list[dict[str, Any]]:
-        from inferplane.control.rollout.command import summary
+        from inferplane.control.rollout.command import steps_of, summary
         from inferplane.control.rollout.state import StateStore
 
-        policy = deps.predictor.services.policy
+        declared = steps_of(deps.predictor.services.policy)
         store = StateStore(deps.manager.repository.url)
         names = [service] if service else store.services()
         found = []
@@ -34,13 +34,7 @@ def build_routes(deps: ServingDeps) -> list[Route]:
                 continue
             if state is None:
                 continue
-            spec = policy.services.get(name)
-            steps = (
-                [s.weight for s in spec.rollout.steps]
-                if spec is not None and spec.rollout is not None
-                else None
-            )
-            found.append(summary(state, steps))
+            found.append(summary(state, declared.get(name)))
         return found
 
     async def list_rollouts(request: Request) -> Response:

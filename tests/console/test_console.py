@@ -433,7 +433,10 @@ def test_a_rollout_shows_its_stages_weight_and_state_live(chrome_ok: None, tmp_p
             assert attr(driver, f'{card} [data-stage="step 3"]', "data-state") == "pending"
             assert text(driver, f"{card} [data-field=rollout-weight]").startswith("reco:2 at 30%")
             assert "rollout running" in text(driver, f"{card} h3")
-            assert "holding" in text(driver, f"{card} [data-field=rollout-reason]")
+            wait_for(
+                lambda: "holding" in text(driver, f"{card} [data-field=rollout-reason]"),
+                what="the step's reason",  # the advance's own reason stands until the next look
+            )
             # The split bar follows the weights the controller wrote.
             wait_for(
                 lambda: (

@@ -12,7 +12,7 @@
     "inferplane_stream_consumer_lag_seconds",
     "inferplane_stream_end_to_end_lag_seconds",
   ];
-  const KEEP = /^inferplane_(requests_total|request_duration_seconds_bucket|route_decisions_total|circuit_breaker_state|fallbacks_total|stream_)/;
+  const KEEP = /^inferplane_(requests_total|request_duration_seconds_bucket|route_decisions_total|circuit_breaker_state|fallbacks_total)/;
   const BREAKER = { 0: "closed", 1: "open", 2: "half-open" };
 
   const $ = (id) => document.getElementById(id);

@@ -7,7 +7,7 @@ import json
 import logging
 import os
 import time
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -15,6 +15,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from inferplane.errors import BadRequest, NotFound
+
+if TYPE_CHECKING:
+    from inferplane.control.rollout.state import RolloutState
+    from inferplane.routing.policy import Policy
 
 console = Console()
 
@@ -156,16 +160,19 @@ def _declared_steps(repository: str, services: str | None) -> dict[str, list[flo
         found = read_policy(_services_url(repository, services))
     except (BadRequest, OSError):
         return {}
-    if found is None:
-        return {}
+    return {} if found is None else steps_of(found[0])
+
+
+def steps_of(policy: Policy) -> dict[str, list[float]]:
+    """service -> the weights of its rollout's steps, for every service with a rollout block."""
     return {
         name: [st.weight for st in spec.rollout.steps]
-        for name, spec in found[0].services.items()
+        for name, spec in policy.services.items()
         if spec.rollout is not None
     }
 
 
-def summary(state: Any, steps: list[float] | None) -> dict[str, Any]:
+def summary(state: RolloutState, steps: list[float] | None) -> dict[str, Any]:
     """What status views show of a state (the CLI, GET /inferplane/rollouts, the console)."""
     return {
         "service": state.service,

@@ -96,6 +96,7 @@ class RolloutController:
         self._due: dict[str, float] = {}  # service -> when its next evaluation is due
         self._refused: dict[str, str] = {}  # service -> the start problem logged (once)
         self._interval = 5.0
+        self._over: set[str] = set()  # finished rollouts whose block left the services file
 
     # the pass ---------------------------------------------------------------------------
     def tick(self) -> list[RolloutState]:
@@ -122,13 +123,15 @@ class RolloutController:
             if state is not None:
                 states.append(state)
         for name in self.store.services():  # rollout blocks removed while running: abort
-            if name in seen:
+            if name in seen or name in self._over:
                 continue
             try:
                 state = self.store.load(name)
             except BadRequest:
                 continue  # no rollout block and no readable state: nothing to do
-            if state is not None and not state.finished and name in current.policy.services:
+            if state is not None and state.finished:
+                self._over.add(name)  # not read again each pass (a new block makes it `seen`)
+            elif state is not None and name in current.policy.services:
                 self._finish(state, "aborted", "the rollout block left the services file")
                 self._write_routes(state, current, None)
                 state.settled = True
@@ -149,13 +152,13 @@ class RolloutController:
         fresh = command is not None and (state is None or command.id != state.last_command)
         key = rollout.candidate.label()
         if fresh and command is not None and command.command == "start":
-            state = self._start(name, spec, rollout, command.candidate or key, now, state)
+            state = self._start(name, spec, rollout, command.candidate or key, now, state, current)
             if state is None:
                 return None
             state.last_command = command.id
             fresh = False
         elif state is None or state.spec_key != key:
-            state = self._start(name, spec, rollout, key, now, state)
+            state = self._start(name, spec, rollout, key, now, state, current)
             if state is None:
                 return None
         if fresh and command is not None:
@@ -163,8 +166,10 @@ class RolloutController:
         if state.status == "running" and now >= self._due.get(name, 0.0):
             self._due[name] = now + rollout.interval
             self._evaluate(state, rollout, now)
-        state.updated_at = now
         self.metrics.show(state, len(rollout.steps))
+        if state.finished and state.settled and not fresh:
+            return state  # over, and the services file says so: nothing to write each pass
+        state.updated_at = now
         # The state is saved before the routes are written: a pass that dies between the two
         # leaves a state whose routes the next pass writes again, never routes without a state.
         self.store.save(state)
@@ -185,6 +190,7 @@ class RolloutController:
         key: str,
         now: float,
         previous: RolloutState | None,
+        current: _ServicesFile,
     ) -> RolloutState | None:
         model, _, ref = key.partition(":")
         try:
@@ -192,7 +198,7 @@ class RolloutController:
             base = (
                 previous.base
                 if previous is not None and not previous.finished
-                else self._base_of(name)
+                else _base_of(current, name)
             )
             base_primary = Route.model_validate(base["routes"][0])
             primary_version = str(
@@ -245,12 +251,6 @@ class RolloutController:
             self._refused[name] = why
         return None
 
-    def _base_of(self, name: str) -> dict[str, Any]:
-        current = self._read_services()
-        assert current is not None
-        raw = current.doc["services"][name]
-        return {"routes": copy.deepcopy(raw["routes"]), "shadow": copy.deepcopy(raw.get("shadow"))}
-
     # commands ---------------------------------------------------------------------------
     def _command(self, state: RolloutState, rollout: Rollout, command: Command, now: float) -> None:
         state.last_command = command.id
@@ -272,8 +272,8 @@ class RolloutController:
         elif command.command == "abort":
             self._finish(state, "aborted", f"aborted{by}")
         elif command.command == "promote":
-            self._promote(state)
-            self._finish(state, "promoted", f"promoted by hand{by}")
+            moved = self._promote(state)
+            self._finish(state, "promoted", f"promoted by hand{by}; {moved}")
 
     def _resume(self, state: RolloutState, now: float) -> None:
         if state.paused_at is not None:
@@ -317,8 +317,8 @@ class RolloutController:
             return
         if state.phase == "step" and state.step + 1 >= len(rollout.steps):
             if rollout.on_success == "promote":
-                self._promote(state)
-                self._finish(state, "promoted", f"every step passed: {verdict.reason}")
+                moved = self._promote(state)
+                self._finish(state, "promoted", f"every step passed; {moved}: {verdict.reason}")
             else:
                 state.status, state.paused_at = "paused", now
                 self._decision(
@@ -372,23 +372,22 @@ class RolloutController:
         assert status in ("promoted", "rolled_back", "aborted")
         state.status = status  # type: ignore[assignment]
         state.phase, state.weight, state.paused_at = "done", 0.0, None
-        state.reason = reason
         self._decision(state, status, reason)
 
-    def _promote(self, state: RolloutState) -> None:
+    def _promote(self, state: RolloutState) -> str:
         """The candidate becomes what the service's first route names: the alias moves when
         that route names the candidate's model by alias (or by none: `production`); else the
-        route itself is rewritten to the candidate."""
+        route itself is rewritten to the candidate. Says which it did."""
         routes = state.base["routes"]
         first = Route.model_validate(routes[0])
         model, version = state.candidate["model"], state.candidate["version"]
         alias = first.version if first.version is not None else PRODUCTION
         if first.model == model and not alias.isdigit():
             self.repository.set_alias(model, alias, int(version))
-            state.reason = f"alias {model}:{alias} -> {version}"
-            return
+            return f"alias {model}:{alias} -> {version}"
         rewritten = {k: v for k, v in routes[0].items() if k not in ("target", "model", "version")}
         routes[0] = {"model": model, "version": version, **rewritten}
+        return f"first route now {model}:{version}"
 
     # writing the policy -----------------------------------------------------------------
     def _desired(self, state: RolloutState, rollout: Rollout | None) -> dict[str, Any]:
@@ -466,6 +465,9 @@ class RolloutController:
         )
 
     def _decision(self, state: RolloutState, event: str, reason: str) -> None:
+        """A decision: the state's reason until the next evaluation, a log line, an audit
+        record."""
+        state.reason = reason
         cand = f"{state.candidate['model']}:{state.candidate['version']}"
         log.info("rollout of service %s (%s): %s: %s", state.service, cand, event, reason)
         if self.audit is not None:
@@ -483,6 +485,12 @@ class RolloutController:
                     kind="rollout",
                 )
             )
+
+
+def _base_of(current: _ServicesFile, name: str) -> dict[str, Any]:
+    """The service's routes and shadow as the file has them now: what a rollout comes back to."""
+    raw = current.doc["services"][name]
+    return {"routes": copy.deepcopy(raw["routes"]), "shadow": copy.deepcopy(raw.get("shadow"))}
 
 
 def _label(route: dict[str, Any]) -> str:

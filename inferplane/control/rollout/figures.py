@@ -27,6 +27,7 @@ _SHADOW = "inferplane_shadow_requests_total"
 _ROWS = "inferplane_shadow_compared_rows_total"
 _DISAGREE = "inferplane_shadow_disagreeing_rows_total"
 _START = "inferplane_start_time_seconds"
+_NAMES = (_SERVICE, _LATENCY, _SHADOW, _ROWS, _DISAGREE, _START)
 _UPPER = [*ARM_BUCKETS, float("inf")]
 
 
@@ -158,7 +159,7 @@ def counts_from_samples(samples: Iterable[Sample], arms: Arms, instance: str) ->
         if name == _START:
             found.setdefault(labels.get("instance", instance), Counts()).started_at = value
             continue
-        if name not in (_SERVICE, _LATENCY, _SHADOW, _ROWS, _DISAGREE):
+        if name not in _NAMES:
             continue
         if labels.get("service") != arms.service:
             continue
@@ -227,10 +228,10 @@ class RegistrySource:
         self.description = "this server's metrics"
 
     def read(self, arms: Arms) -> dict[str, Counts]:
+        # Only the series a rollout reads, not every model's histograms.
+        wanted = self.registry.restricted_registry(list(_NAMES))
         samples = (
-            (s.name, s.labels, s.value)
-            for family in self.registry.collect()
-            for s in family.samples
+            (s.name, s.labels, s.value) for family in wanted.collect() for s in family.samples
         )
         return counts_from_samples(samples, arms, "local")
 
